@@ -1,0 +1,85 @@
+"""Finding the scans of a cohort: image files and DICOM series folders, or a CSV manifest, each with a stable id."""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Union
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One scan of a cohort: a stable id and where it is."""
+
+    id: str
+    path: Path
+
+
+def _scan_id(path: Path, root: Path) -> str:
+    rel = path.relative_to(root) if path != root and root in path.parents else Path(path.name)
+    name = str(rel)
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "scan"
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    for f in folder.iterdir():
+        if f.is_file():
+            if f.suffix.lower() == ".dcm":
+                return True
+            with open(f, "rb") as fh:
+                head = fh.read(132)
+            if head[128:132] == b"DICM":
+                return True
+    return False
+
+
+def _from_folder(folder: Path) -> list[Scan]:
+    scans = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES):
+            scans.append(Scan(_scan_id(path, folder), path))
+        elif path.is_dir() and _is_dicom_folder(path):
+            scans.append(Scan(_scan_id(path, folder), path))
+    if _is_dicom_folder(folder):
+        scans.append(Scan(_scan_id(folder, folder.parent), folder))
+    return scans
+
+
+def _from_manifest(path: Path) -> list[Scan]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"id", "path"} <= set(rows[0]):
+        raise InputError(f"manifest {path} needs a header with the columns 'id' and 'path' and one row per scan.")
+    return [Scan(r["id"].strip(), (path.parent / r["path"].strip()).resolve()) for r in rows]
+
+
+def find_scans(inputs: Iterable[Union[str, Path]]) -> list[Scan]:
+    """Scans named by files, DICOM series folders, folders searched recursively, or CSV manifests (id, path)."""
+    scans: list[Scan] = []
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise InputError(f"{item} does not exist; give image files, DICOM folders, folders of scans or a CSV.")
+        if item.is_file() and item.suffix.lower() == ".csv":
+            scans.extend(_from_manifest(item))
+        elif item.is_file():
+            scans.append(Scan(_scan_id(item, item.parent), item))
+        else:
+            found = _from_folder(item)
+            if not found:
+                raise InputError(f"no scans (NIfTI, NRRD, MHA or DICOM series) found under {item}.")
+            scans.extend(found)
+    ids = [s.id for s in scans]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise InputError(f"scan ids {dupes} occur more than once; give each scan a distinct name or use a manifest.")
+    return scans

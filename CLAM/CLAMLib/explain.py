@@ -1,0 +1,157 @@
+"""Cluster explanation maps: CLAM (Ryan et al. 2022) and the methods it is compared with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .model import ClusterNet
+
+
+@dataclass
+class ExplainContext:
+    """What a map method may need beyond the network and the image."""
+
+    baseline: Optional[torch.Tensor] = None  # cohort mean image (1, 1, *grid)
+    lung: Optional[torch.Tensor] = None  # lung mask on the grid (1, 1, *grid), bool
+    batch_size: int = 64
+    seed: int = 0
+
+
+def _upsample(a: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Linear (bi/trilinear) upsampling of (B, C, *a) activations to the input grid."""
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    return F.interpolate(a, size=size, mode=mode, align_corners=False)
+
+
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def channel_masks(net: ClusterNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-block activations A (C, *a) of one image and their min-max normalised upsampled masks H (C, *grid)."""
+    a = net.encoder.features(x)
+    u = _upsample(a, tuple(x.shape[2:]))[0]
+    flat = u.flatten(1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    h = (u - lo.view(-1, *[1] * (u.ndim - 1))) / span.view(-1, *[1] * (u.ndim - 1))
+    h = torch.where((hi > lo).view(-1, *[1] * (u.ndim - 1)), h, torch.zeros_like(h))
+    return a[0], h
+
+
+def masked_scores(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations A (C, *a) and q(x * H_k) for every channel k: (C, k), from one batched set of passes."""
+    a, h = channel_masks(net, x)
+    scores = _batched(lambda hb: net.soft_assign(x * hb.unsqueeze(1)), h, ctx.batch_size)
+    return a, scores
+
+
+def combine(a: torch.Tensor, weights: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """ReLU(sum_k w_kc Up(A_k)) for every cluster c at once: (k, *grid); combined before upsampling (Up is linear)."""
+    cam = torch.einsum("c...,ck->k...", a, weights)
+    return torch.relu(_upsample(cam.unsqueeze(0), size)[0])
+
+
+def clam(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext) -> torch.Tensor:
+    """CLAM, faithful to Ryan et al. 2022: channel weights w_kc = q_c(x * H_k), every channel of the last block."""
+    a, scores = masked_scores(net, x, ctx)
+    return combine(a, scores, tuple(x.shape[2:]))
+
+
+def scorecam(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext) -> torch.Tensor:
+    """Score-CAM weighting (Wang et al. 2020): softmax over channels of q_c(x * H_k)."""
+    a, scores = masked_scores(net, x, ctx)
+    return combine(a, torch.softmax(scores, dim=0), tuple(x.shape[2:]))
+
+
+def gradient(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext) -> torch.Tensor:
+    """Gradient saliency (Simonyan et al. 2014): |dq_c / dx| for every cluster c, one batched backward pass."""
+    k = net.k
+    with torch.enable_grad():
+        xk = x.detach().repeat(k, *[1] * (x.ndim - 1)).requires_grad_(True)
+        q = net.soft_assign(xk)
+        (grad,) = torch.autograd.grad(q.diagonal().sum(), xk)
+    return grad[:, 0].abs()
+
+
+def occlusion(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext, patch: Optional[int] = None) -> torch.Tensor:
+    """Occlusion (Zeiler and Fergus 2014) with the cohort mean image: drop in q_c when a patch is replaced by it."""
+    grid = tuple(x.shape[2:])
+    patch = patch or grid[0] // net.arch.feature_grid
+    baseline = ctx.baseline if ctx.baseline is not None else torch.full_like(x, float(x.mean()))
+    cells = [range(0, g, patch) for g in grid]
+    starts = torch.cartesian_prod(*[torch.tensor(list(c)) for c in cells]).view(-1, len(grid))
+    q0 = net.soft_assign(x)[0]
+
+    def occluded(batch: torch.Tensor) -> torch.Tensor:
+        xs = x.repeat(len(batch), *[1] * (x.ndim - 1))
+        for i, s in enumerate(batch.tolist()):
+            sl = (i, slice(None)) + tuple(slice(v, v + patch) for v in s)
+            xs[sl] = baseline[(0, slice(None)) + sl[2:]]
+        return net.soft_assign(xs)
+
+    drops = q0 - _batched(occluded, starts, ctx.batch_size)  # (P, k)
+    coarse = drops.T.reshape(net.k, *[len(c) for c in cells])
+    up = coarse
+    for axis in range(1, coarse.ndim):
+        up = up.repeat_interleave(patch, dim=axis)
+    return torch.relu(up[(slice(None),) + tuple(slice(0, g) for g in grid)])
+
+
+def random_map(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext) -> torch.Tensor:
+    """A smooth random map at the activation grid's resolution: the chance baseline for every metric."""
+    gen = torch.Generator().manual_seed(ctx.seed)
+    coarse = torch.rand((1, net.k) + (net.arch.feature_grid,) * net.arch.ndim, generator=gen).to(x.device)
+    return _upsample(coarse, tuple(x.shape[2:]))[0]
+
+
+METHODS: dict[str, Callable[[ClusterNet, torch.Tensor, ExplainContext], torch.Tensor]] = {
+    "clam": clam,
+    "scorecam": scorecam,
+    "gradient": gradient,
+    "occlusion": occlusion,
+    "random": random_map,
+}
+DEFAULT_METHOD = "clam"
+
+
+def resolve_method(method: str) -> str:
+    """Canonical method name; 'default' is the product's map."""
+    method = DEFAULT_METHOD if method == "default" else method
+    if method not in METHODS:
+        raise InputError(f"unknown map method {method!r}; choose one of: default, {', '.join(METHODS)}.")
+    return method
+
+
+@torch.no_grad()
+def explain(net: ClusterNet, x: torch.Tensor, method: str = "default", ctx: Optional[ExplainContext] = None,
+            progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Soft assignments (N, k) and maps (N, k, *grid) of a batch (N, 1, *grid), every cluster at once."""
+    fn = METHODS[resolve_method(method)]
+    ctx = ctx or ExplainContext()
+    net.eval()
+    device = next(net.parameters()).device
+    if ctx.baseline is not None:
+        ctx.baseline = ctx.baseline.to(device)
+    if ctx.lung is not None:
+        ctx.lung = ctx.lung.to(device)
+    qs, maps = [], []
+    for i in range(len(x)):
+        xi = x[i : i + 1].to(device)
+        qs.append(net.soft_assign(xi)[0].cpu())
+        maps.append(fn(net, xi, ctx).float().cpu())
+        if progress is not None:
+            progress(1)
+    return torch.stack(qs).numpy(), torch.stack(maps).numpy()
+
+
+def normalise_map(m: np.ndarray) -> np.ndarray:
+    """A map scaled to 0..1 by its maximum (all zeros stays zeros)."""
+    top = float(np.max(m)) if m.size else 0.0
+    return (np.clip(m, 0, None) / top).astype(np.float32) if top > 0 else np.zeros_like(m, dtype=np.float32)

@@ -7,7 +7,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from .imageio import atomic_path, write_image
 from .metrics import clustering_scores, localisation_scores
 from .model import Architecture, ClusterNet
 from .preprocess import PreprocessConfig, Prepared, Preprocessor
-from .simulate import Cohort, make_cohort
+from .simulate import Cohort, ScenarioParams, make_cohort
 from .train import TrainConfig, Trainer
 
 TRUE_K = 2
@@ -40,15 +40,18 @@ class Prepped:
     lungs: np.ndarray
 
 
-def _cohort(scenario: str, args: argparse.Namespace, variation: float, seed: int) -> Cohort:
-    from .simulate import default_params
+def _scenario_params(scenario: str, args: argparse.Namespace) -> ScenarioParams:
+    """The scenario's default lesions, with the diameters given on the command line."""
+    params = ScenarioParams.default(scenario)
+    wanted = [args.small_mm, args.large_mm] if scenario == "size" else [args.lesion_mm] * len(params.clusters)
+    clusters = tuple(spec if d is None else replace(spec, diameter_mm=(0.95 * d, 1.05 * d))
+                     for spec, d in zip(params.clusters, wanted))
+    return replace(params, clusters=clusters)
 
-    params = default_params(scenario)
-    if scenario == "size":
-        params = params.with_diameters(args.small_mm, args.large_mm)
-    elif args.lesion_mm is not None:
-        params = params.with_diameters(args.lesion_mm, args.lesion_mm)
-    return make_cohort(scenario, n_per_cluster=args.subjects, seed=seed, anatomy_variation=variation, params=params)
+
+def _cohort(scenario: str, args: argparse.Namespace, variation: float, seed: int) -> Cohort:
+    return make_cohort(scenario, n_per_cluster=args.subjects, seed=seed, anatomy_variation=variation,
+                       params=_scenario_params(scenario, args))
 
 
 def _prep(cohort: Cohort, grid: int, register: str) -> Prepped:

@@ -1,0 +1,545 @@
+"""Chest CT preprocessing for CLAM: lung mask, crop to the lungs, model grid, template registration, normalisation.
+
+Defaults (PreprocessConfig):
+- grid 88: the paper's cube; divisible by 8 because the encoder halves the grid three times.
+- hu_min -1000, hu_max 200: air to soft tissue. Lung parenchyma (-950 to -500), ground glass, nodules and
+  consolidation (about -300 to 100) keep their contrast; bone and contrast agent, irrelevant in the lungs, clip.
+- margin_mm 10: keeps the pleura and chest wall next to the lungs in the crop.
+- register "none": cropping to the lungs already removes most size and position differences; "affine" and
+  "bspline" register each grid image to a template built from the training cohort.
+
+Registration works in grid index space (unit spacing, zero origin, identity direction), where every subject's
+crop box and the template coincide; `Prepared.transform` maps template index points to subject grid index points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .errors import BundleError, CLAMError, InputError
+from .imageio import check_image
+
+_MASK_SPACING_MM = 2.0  # working resolution of lung_mask
+_AIR_HU = -400.0  # voxels below this count as air
+_CLOSING_MM = 6.0  # radius of the closing that takes vessels and the hila into the lung mask
+_AIRWAY_AREA_MM2 = 600.0  # trachea and main bronchi cross-sections are smaller than this
+_AIRWAY_BAND = 0.15  # fraction of the lungs' width either side of their centre where airways lie
+_KEEP_FRACTION = 0.1  # air components at least this fraction of the largest count as lung
+_MIN_LUNG = {3: 20_000.0, 2: 400.0}  # smallest lung volume (mm^3) or area (mm^2) accepted
+_BSPLINE_MESH = 4  # B-spline control mesh cells per axis
+_REGISTRATION_RIM = 2  # grid voxels around the template's lungs where the metric is computed
+_STATE_VERSION = 1
+_INPLANE = np.zeros((3, 3, 3), dtype=bool)
+_INPLANE[1] = ndimage.generate_binary_structure(2, 1)
+REGISTRATIONS = ("none", "affine", "bspline")
+
+
+class NotFittedError(CLAMError, RuntimeError):
+    """A Preprocessor used before fit or from_state."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical geometry of an image: size, spacing, origin and direction (SimpleITK order)."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def from_image(cls, image: sitk.Image) -> Geometry:
+        """Geometry of a SimpleITK image."""
+        return cls(
+            tuple(int(n) for n in image.GetSize()),
+            tuple(float(v) for v in image.GetSpacing()),
+            tuple(float(v) for v in image.GetOrigin()),
+            tuple(float(v) for v in image.GetDirection()),
+        )
+
+    def to_dict(self) -> dict[str, list]:
+        """JSON-able form."""
+        return {key: list(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Geometry:
+        """Inverse of to_dict."""
+        return cls(
+            tuple(int(n) for n in data["size"]),
+            tuple(float(v) for v in data["spacing"]),
+            tuple(float(v) for v in data["origin"]),
+            tuple(float(v) for v in data["direction"]),
+        )
+
+
+@dataclass
+class Prepared:
+    """One image ready for the model, with what is needed to map results back onto it."""
+
+    array: np.ndarray  # float32, (grid,) * ndim, z-y-x order; template space when registered
+    lung: np.ndarray  # bool lung mask on the same grid
+    native: Geometry  # geometry of the input image
+    grid: Geometry  # physical geometry of the subject's model grid (lung box plus margin)
+    transform: sitk.Transform | None  # template grid index -> subject grid index; None without registration
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing settings; the module docstring gives the reasons for the defaults."""
+
+    grid: int = 88
+    ndim: int = 3
+    hu_min: float = -1000.0
+    hu_max: float = 200.0
+    margin_mm: float = 10.0
+    register: str = "none"
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot work."""
+        if not isinstance(self.grid, int) or self.grid < 16 or self.grid % 8:
+            raise InputError(
+                f"grid must be a multiple of 8 and at least 16, got {self.grid}; use e.g. 48 or 88"
+            )
+        if self.ndim not in (2, 3):
+            raise InputError(f"ndim must be 2 or 3, got {self.ndim}")
+        if not self.hu_max > self.hu_min:
+            raise InputError(f"hu_max ({self.hu_max}) must exceed hu_min ({self.hu_min}); e.g. -1000 and 200")
+        if not self.margin_mm >= 0:
+            raise InputError(f"margin_mm must be 0 or more, got {self.margin_mm}")
+        if self.register not in REGISTRATIONS:
+            raise InputError(f"register must be one of {', '.join(REGISTRATIONS)}, got {self.register!r}")
+
+
+def lung_mask(image: sitk.Image) -> sitk.Image:
+    """Binary lung mask (uint8, the input's geometry) of a 2D or 3D chest CT in Hounsfield units."""
+    coarse, _ = _coarse_lung_mask(image)
+    full = _resample(coarse, Geometry.from_image(image), sitk.sitkLinear, 0, sitk.sitkUInt8)
+    return sitk.Cast(full > 127, sitk.sitkUInt8)
+
+
+def _coarse_lung_mask(image: sitk.Image) -> tuple[sitk.Image, list[int]]:
+    """Lung mask (0/255 uint8) on the image shrunk to about 2 mm voxels, and the shrink factors."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("lung_mask needs a grey-scale CT; convert colour images to grey first")
+    flat = image.GetDimension() == 2
+    factors = [
+        max(1, min(n, round(_MASK_SPACING_MM / s))) for s, n in zip(image.GetSpacing(), image.GetSize())
+    ]
+    small = sitk.BinShrink(image, factors) if max(factors) > 1 else image
+    air = sitk.GetArrayViewFromImage(small) < _AIR_HU
+    spacing = tuple(reversed(small.GetSpacing()))
+    if flat:
+        air, spacing = air[None], (math.inf, *spacing)
+    mask = _lungs_from_air(air, spacing)
+    coarse = sitk.GetImageFromArray((mask[0] if flat else mask).astype(np.uint8) * 255)
+    coarse.CopyInformation(small)
+    return coarse, factors
+
+
+class Preprocessor:
+    """Turns chest CTs into model inputs and model-grid maps back into maps on the CTs (fit / transform)."""
+
+    def __init__(self, config: PreprocessConfig | None = None) -> None:
+        """Unfitted preprocessor with the given settings."""
+        self.config = config or PreprocessConfig()
+        self.scale_: float | None = None
+        self.template_: _Template | None = None
+
+    def fit(self, images: Iterable[sitk.Image]) -> Preprocessor:
+        """Learn the cohort's normalisation constant and, when registering, its template."""
+        self._fit(self._to_grid(image) for image in images)
+        return self
+
+    def fit_transform(self, images: Iterable[sitk.Image]) -> list[Prepared]:
+        """Fit on the images and prepare each of them."""
+        grids = [self._to_grid(image) for image in images]
+        self._fit(grids)
+        return [self._finish(grid) for grid in grids]
+
+    def transform(self, image: sitk.Image) -> Prepared:
+        """Prepare one CT for the model."""
+        self._check_fitted()
+        return self._finish(self._to_grid(image))
+
+    def to_native(self, grid_map: np.ndarray, prepared: Prepared) -> sitk.Image:
+        """Float32 map on exactly the input image's geometry from a map on the model grid; zero outside the crop."""
+        values = np.asarray(grid_map, dtype=np.float32)
+        shape = (self.config.grid,) * self.config.ndim
+        if values.shape != shape:
+            raise InputError(
+                f"map has shape {values.shape} but the model grid is {shape}; give a map on the grid"
+            )
+        if prepared.transform is not None:
+            values = _warp(values, _inverse(prepared.transform, shape), 0.0)
+        work = _model_geometry(prepared.native, self.config.ndim)
+        mapped = _resample(_image(values, prepared.grid), work, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        if work == prepared.native:
+            return mapped
+        return _image(sitk.GetArrayViewFromImage(mapped)[None], prepared.native)
+
+    def grid_mask(self, mask: sitk.Image, prepared: Prepared) -> np.ndarray:
+        """A binary mask on the input's geometry (e.g. a lesion) as a bool array on the model grid."""
+        native = Geometry.from_image(mask)
+        if native.size != prepared.native.size or not np.allclose(
+            native.spacing + native.origin + native.direction,
+            prepared.native.spacing + prepared.native.origin + prepared.native.direction,
+            atol=1e-3,
+        ):
+            raise InputError(
+                "mask geometry differs from the image's; give the mask that belongs to this image"
+            )
+        work = _model_image(sitk.Cast(mask != 0, sitk.sitkUInt8), self.config.ndim)
+        values = sitk.GetArrayFromImage(
+            _resample(work, prepared.grid, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        )
+        if prepared.transform is not None:
+            values = _warp(values, prepared.transform, 0.0)
+        return values > 0.5
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """JSON-able constants and arrays that restore this fitted preprocessor."""
+        self._check_fitted()
+        meta = {"version": _STATE_VERSION, "config": asdict(self.config), "scale": self.scale_}
+        template = self.template_
+        if template is None:
+            return meta, {}
+        return meta, {"template": template.image, "template_lung": template.lung.astype(np.uint8)}
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray]) -> Preprocessor:
+        """Fitted preprocessor from the output of state()."""
+        fix = "re-export the model bundle with this version of CLAM"
+        if meta.get("version") != _STATE_VERSION:
+            raise BundleError(
+                f"preprocessing state version {meta.get('version')!r} is not {_STATE_VERSION}; {fix}"
+            )
+        try:
+            config = PreprocessConfig(**meta["config"])
+            scale = float(meta["scale"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(f"preprocessing state is incomplete or invalid ({err}); {fix}") from err
+        if not scale > 0:
+            raise BundleError(f"preprocessing scale must be positive, got {scale}; {fix}")
+        processor = cls(config)
+        processor.scale_ = scale
+        if config.register != "none":
+            shape = (config.grid,) * config.ndim
+            image, lung = arrays.get("template"), arrays.get("template_lung")
+            if image is None or lung is None or image.shape != shape or lung.shape != shape:
+                raise BundleError(
+                    f"registration template missing or of the wrong shape (need {shape}); {fix}"
+                )
+            processor.template_ = _Template(np.asarray(image, dtype=np.float32), np.asarray(lung, dtype=bool))
+        return processor
+
+    def _check_fitted(self) -> None:
+        """Raise NotFittedError unless fit or from_state has run."""
+        if self.scale_ is None or (self.config.register != "none" and self.template_ is None):
+            raise NotFittedError(
+                "Preprocessor is not fitted: call fit(images) on the cohort, or load it with from_state()"
+            )
+
+    def _to_grid(self, image: sitk.Image) -> _Gridded:
+        """Check, mask, crop and resample one image onto its model grid (clipped HU)."""
+        config = self.config
+        check_image(image, config.ndim)
+        work = _model_image(image, config.ndim)
+        coarse, factors = _coarse_lung_mask(work)
+        index, size = _lung_box(coarse, factors, work, config.margin_mm)
+        grid = _grid_geometry(work, index, size, config.grid)
+        crop = sitk.Clamp(
+            sitk.RegionOfInterest(work, size, index), sitk.sitkFloat32, config.hu_min, config.hu_max
+        )
+        crop = _antialias(crop, grid.spacing)
+        array = sitk.GetArrayFromImage(
+            _resample(crop, grid, sitk.sitkLinear, config.hu_min, sitk.sitkFloat32)
+        )
+        lung = sitk.GetArrayFromImage(_resample(coarse, grid, sitk.sitkLinear, 0.0, sitk.sitkFloat32)) > 127.5
+        return _Gridded(array, lung, Geometry.from_image(image), grid)
+
+    def _fit(self, grids: Iterable[_Gridded]) -> None:
+        """Set the normalisation constant and the template from gridded images."""
+        config = self.config
+        scale, count, kept = -math.inf, 0, []
+        for grid in grids:
+            scale = max(scale, float(grid.array.max()) - config.hu_min)
+            count += 1
+            if config.register != "none":
+                kept.append(grid)
+        if count == 0:
+            raise InputError("fit needs at least one image; give the training cohort's CTs")
+        if not scale > 0:
+            raise InputError(
+                "every image is at or below hu_min on the model grid; give CTs in Hounsfield units"
+            )
+        template = template_lung = None
+        if kept:
+            fixed = _Template(_mean([g.array for g in kept]), _mean([g.lung for g in kept]) > 0.5)
+            moved = [(g, _register(fixed, g.array, "affine")) for g in kept]
+            template = _mean([_warp(g.array, t, config.hu_min) for g, t in moved])
+            template_lung = _mean([_warp(g.lung.astype(np.float32), t, 0.0) for g, t in moved]) > 0.5
+        self.scale_ = scale
+        self.template_ = None if template is None else _Template(template, template_lung)
+
+    def _finish(self, grid: _Gridded) -> Prepared:
+        """Register (when configured) and normalise one gridded image."""
+        config = self.config
+        array, lung, transform = grid.array, grid.lung, None
+        if self.template_ is not None:
+            transform = _register(self.template_, array, config.register)
+            array = _warp(array, transform, config.hu_min)
+            lung = _warp(lung.astype(np.float32), transform, 0.0) > 0.5
+        if not lung.any():
+            raise InputError("no lung voxels left on the model grid; check the scan covers the lungs")
+        values = (array - np.float32(config.hu_min)) / np.float32(self.scale_)
+        values[~lung] = values[lung].mean()
+        return Prepared(values.astype(np.float32, copy=False), lung, grid.native, grid.grid, transform)
+
+
+@dataclass
+class _Template:
+    """The cohort's mean grid image (clipped HU) and lung mask that subjects are registered to."""
+
+    image: np.ndarray
+    lung: np.ndarray
+
+
+@dataclass
+class _Gridded:
+    """An image on its model grid before registration and normalisation."""
+
+    array: np.ndarray
+    lung: np.ndarray
+    native: Geometry
+    grid: Geometry
+
+
+def _lungs_from_air(air: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Lung mask (z, y, x bool) from an air mask: drop outside air, keep large parts, cut airways, close."""
+    voxel = spacing[1] * spacing[2] * (1.0 if math.isinf(spacing[0]) else spacing[0])
+    flat = math.isinf(spacing[0])
+    mask = _largest(_inner(air), _KEEP_FRACTION)
+    mask = _drop_airways(mask, spacing)
+    radius = [0 if math.isinf(s) else round(_CLOSING_MM / s) for s in reversed(spacing)]
+    closed = sitk.BinaryMorphologicalClosing(
+        sitk.GetImageFromArray(mask.astype(np.uint8)), radius, sitk.sitkBall, 1, True
+    )
+    mask = sitk.GetArrayViewFromImage(closed).astype(bool)
+    mask = _largest(mask | _inner(~mask), _KEEP_FRACTION / 2)
+    if mask.sum() * voxel < _MIN_LUNG[2 if flat else 3]:
+        raise InputError(
+            "no lungs found: too little air inside the body; give a chest CT in Hounsfield units that covers the "
+            "lungs"
+        )
+    return mask
+
+
+def _inner(mask: np.ndarray) -> np.ndarray:
+    """Parts of a (z, y, x) mask not connected, within their slice, to the slice's edge."""
+    labels, count = ndimage.label(mask, _INPLANE)
+    edge = np.concatenate(
+        [labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]
+    )
+    keep = np.ones(count + 1, dtype=bool)
+    keep[0] = False
+    keep[edge] = False
+    return keep[labels]
+
+
+def _largest(mask: np.ndarray, fraction: float) -> np.ndarray:
+    """Connected components at least `fraction` of the largest one."""
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = sizes >= fraction * sizes.max()
+    keep[0] = False
+    return keep[labels]
+
+
+def _drop_airways(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Remove small in-slice components near the lungs' left-right centre (trachea, main bronchi)."""
+    labels, count = ndimage.label(mask, _INPLANE)
+    if count == 0:
+        return mask
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=count + 1)
+    columns = np.broadcast_to(np.arange(mask.shape[2], dtype=np.float32), mask.shape).ravel()
+    centres = np.bincount(flat, weights=columns, minlength=count + 1) / np.maximum(counts, 1)
+    used = np.flatnonzero(mask.any(axis=(0, 1)))
+    middle, width = (used[0] + used[-1]) / 2, used[-1] - used[0] + 1
+    airway = (counts * spacing[1] * spacing[2] < _AIRWAY_AREA_MM2) & (
+        np.abs(centres - middle) < _AIRWAY_BAND * width
+    )
+    airway[0] = False
+    return mask & ~airway[labels]
+
+
+def _lung_box(
+    coarse: sitk.Image, factors: list[int], image: sitk.Image, margin_mm: float
+) -> tuple[list[int], list[int]]:
+    """Index and size (SimpleITK order) in `image` of the lungs' bounding box plus a margin, within the image."""
+    values = sitk.GetArrayViewFromImage(coarse)
+    index, size = [], []
+    for axis, (factor, spacing, extent) in enumerate(zip(factors, image.GetSpacing(), image.GetSize())):
+        other = tuple(a for a in range(values.ndim) if a != values.ndim - 1 - axis)
+        used = np.flatnonzero(values.any(axis=other))
+        margin = math.ceil(margin_mm / spacing)
+        low = max(0, int(used[0]) * factor - margin)
+        high = min(extent, (int(used[-1]) + 1) * factor + margin)
+        index.append(low)
+        size.append(high - low)
+    return index, size
+
+
+def _grid_geometry(image: sitk.Image, index: list[int], size: list[int], grid: int) -> Geometry:
+    """Geometry of a grid^ndim cube that exactly covers the box `index`, `size` of `image`."""
+    spacing = [s * n / grid for s, n in zip(image.GetSpacing(), size)]
+    corner = [i - 0.5 + 0.5 * g / s for i, g, s in zip(index, spacing, image.GetSpacing())]
+    origin = image.TransformContinuousIndexToPhysicalPoint(corner)
+    return Geometry(
+        (grid,) * image.GetDimension(), tuple(spacing), tuple(origin), tuple(image.GetDirection())
+    )
+
+
+def _antialias(image: sitk.Image, target: tuple[float, ...]) -> sitk.Image:
+    """Average blocks of voxels on the axes that will be downsampled at least twofold, against aliasing."""
+    factors = [max(1, int(goal // spacing)) for spacing, goal in zip(image.GetSpacing(), target)]
+    return sitk.BinShrink(image, factors) if max(factors) > 1 else image
+
+
+def _resample(
+    image: sitk.Image, geometry: Geometry, interpolator: int, default: float, pixel: int
+) -> sitk.Image:
+    """Resample an image onto a geometry without allocating a reference image."""
+    identity = sitk.Transform(image.GetDimension(), sitk.sitkIdentity)
+    return sitk.Resample(
+        image,
+        list(geometry.size),
+        identity,
+        interpolator,
+        geometry.origin,
+        geometry.spacing,
+        geometry.direction,
+        default,
+        pixel,
+    )
+
+
+def _image(values: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """SimpleITK image of an array with a given geometry."""
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+def _model_geometry(native: Geometry, ndim: int) -> Geometry:
+    """Geometry the model works on: the native one, or the in-plane part of a single-slice 3D image."""
+    if len(native.size) == ndim:
+        return native
+    direction = np.array(native.direction).reshape(3, 3)[:2, :2]
+    if abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
+        direction, origin = np.eye(2), (0.0, 0.0)
+    else:
+        origin = native.origin[:2]
+    return Geometry(native.size[:2], native.spacing[:2], tuple(origin), tuple(direction.ravel().tolist()))
+
+
+def _model_image(image: sitk.Image, ndim: int) -> sitk.Image:
+    """The image itself, or its single slice as a 2D image for a 2D model."""
+    if image.GetDimension() == ndim:
+        return image
+    return _image(sitk.GetArrayViewFromImage(image)[0], _model_geometry(Geometry.from_image(image), ndim))
+
+
+def _canonical(values: np.ndarray) -> sitk.Image:
+    """Image of a grid array in grid index space (unit spacing, zero origin, identity direction)."""
+    return sitk.GetImageFromArray(values.astype(np.float32, copy=False))
+
+
+def _mean(arrays: list[np.ndarray]) -> np.ndarray:
+    """Voxel-wise mean of equally shaped arrays, as float32."""
+    total = np.zeros(arrays[0].shape, dtype=np.float64)
+    for values in arrays:
+        total += values
+    return (total / len(arrays)).astype(np.float32)
+
+
+def _warp(values: np.ndarray, transform: sitk.Transform, default: float) -> np.ndarray:
+    """Resample a grid array through a transform (output index point -> input index point)."""
+    image = _canonical(values)
+    return sitk.GetArrayFromImage(
+        sitk.Resample(image, image, transform, sitk.sitkLinear, default, sitk.sitkFloat32)
+    )
+
+
+def _registration(template: _Template, shrinks: list[int], sampling: float) -> sitk.ImageRegistrationMethod:
+    """Mean-squares registration restricted to the template's lungs and their surroundings."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMeanSquares()
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(sampling, 7)
+    method.SetInterpolator(sitk.sitkLinear)
+    region = sitk.BinaryDilate(
+        sitk.GetImageFromArray(template.lung.astype(np.uint8)), [_REGISTRATION_RIM] * template.lung.ndim
+    )
+    method.SetMetricFixedMask(region)
+    method.SetShrinkFactorsPerLevel(shrinks)
+    method.SetSmoothingSigmasPerLevel([max(0, shrink - 1) for shrink in shrinks])
+    return method
+
+
+def _register(template: _Template, moving: np.ndarray, mode: str) -> sitk.Transform:
+    """Transform from template to subject grid index space: affine, then an optional coarse B-spline."""
+    fixed, image = _canonical(template.image), _canonical(moving)
+    ndim = fixed.GetDimension()
+    affine = sitk.AffineTransform(ndim)
+    affine.SetCenter([(n - 1) / 2 for n in fixed.GetSize()])
+    method = _registration(template, [2, 1], 0.25)
+    method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 40, 0.5, 1e-8)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetInitialTransform(affine, inPlace=True)
+    try:
+        method.Execute(fixed, image)
+        if mode == "affine":
+            return affine
+        bspline = sitk.BSplineTransformInitializer(fixed, [_BSPLINE_MESH] * ndim)
+        method = _registration(template, [2], 0.1)
+        method.SetOptimizerAsLBFGSB(1e-5, 10, 5, 30)
+        method.SetMovingInitialTransform(affine)
+        method.SetInitialTransform(bspline, inPlace=True)
+        method.Execute(fixed, image)
+    except RuntimeError as err:
+        raise InputError(
+            f"registration to the template failed ({str(err).splitlines()[-1]}); use register='none' or check "
+            "that the scan covers both lungs"
+        ) from err
+    return sitk.CompositeTransform([affine, bspline])
+
+
+def _inverse(transform: sitk.Transform, shape: tuple[int, ...]) -> sitk.Transform:
+    """Inverse of a registration transform; the B-spline part is inverted through a displacement field."""
+    if not isinstance(transform, sitk.CompositeTransform):
+        return transform.GetInverse()
+    affine = transform.GetNthTransform(0).Downcast()
+    ndim = len(shape)
+    field = sitk.TransformToDisplacementField(
+        transform.GetNthTransform(1),
+        sitk.sitkVectorFloat64,
+        list(reversed(shape)),
+        [0.0] * ndim,
+        [1.0] * ndim,
+        np.eye(ndim).ravel().tolist(),
+    )
+    inverse = sitk.InvertDisplacementField(field, 20, 0.05, 0.001, False)
+    return sitk.CompositeTransform([sitk.DisplacementFieldTransform(inverse), affine.GetInverse()])

@@ -1,0 +1,550 @@
+"""CLAM: cluster activation maps of a chest CT fused over the CT in 3D Slicer (panel, console, self-test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pathlib
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Annotated, Any, Callable
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if MODULE_DIR not in sys.path:  # CLAMLib and CLAMMRML live beside this file
+    sys.path.insert(0, MODULE_DIR)
+
+import CLAMMRML
+from CLAMMRML import CLAMResult
+
+logger = logging.getLogger(__name__)
+
+TORCH_REQUIREMENT = ">=2.1"
+# (import name, pip requirement) of the engine's packages besides torch, numpy and SimpleITK (Slicer's own)
+PIP_PACKAGES = (("safetensors", "safetensors>=0.4"), ("sklearn", "scikit-learn>=1.2"), ("scipy", "scipy>=1.9"),
+                ("tqdm", "tqdm>=4.60"))
+METHODS = {"default": "default", "faithful CLAM": "clam"}  # panel label -> engine method
+CONSOLE_EXAMPLE = """import CLAM
+ct = slicer.util.getNode("chest CT")
+result = CLAM.CLAMLogic().process(ct, CLAM.demoBundlePath(), clusters="all", device="auto")
+print(result.assignment, result.probabilities)
+result.mapNodes[result.assignment]  # overlay volume of the assigned cluster"""
+
+
+def demoBundlePath() -> pathlib.Path:
+    """The demo model shipped with the extension (installed copy first, then the source tree's models/)."""
+    candidates = [pathlib.Path(MODULE_DIR, "Resources", "Models", "clam-demo"),
+                  pathlib.Path(MODULE_DIR).parent / "models" / "clam-demo"]
+    return next((c for c in candidates if (c / "model.json").is_file()), candidates[0])
+
+
+class CLAMCancelled(Exception):
+    """Raised inside a run when the user pressed Cancel."""
+
+
+class CLAMDependencyError(RuntimeError):
+    """A package CLAM needs is missing and was not installed."""
+
+
+#
+# Module
+#
+
+
+class CLAM(ScriptedLoadableModule):
+    """Module description shown in Slicer."""
+
+    def __init__(self, parent: Any) -> None:
+        """Set the module's title, category, contributors, help and acknowledgement."""
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "CLAM"
+        self.parent.categories = ["Quantification"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CLAM team"]
+        self.parent.helpText = f"""
+<p>Cluster activation mapping (CLAM) explains a deep clustering model of chest CT: a model trained without
+labels groups scans into <i>k</i> clusters, and the map of a cluster shows which parts of this scan drive
+its membership in that cluster.</p>
+<p><b>Use:</b> pick the input CT and a model bundle (the demo model by default), press Apply.
+The table gives the soft assignment <i>q</i> of the scan to every cluster (they sum to 1; the largest is the
+assigned cluster). Each mapped cluster gets an overlay volume with the CT's exact geometry.</p>
+<p><b>Reading the map:</b> values run from 0 to 1 within each map; bright regions are where the scan's
+appearance most supports the cluster, dark or transparent regions matter little. Values below the threshold
+are hidden. A map shows what the model used, not a diagnosis, and only within what the model was trained on:
+read the model card. A low, flat <i>q</i> (close to 1/k everywhere) means the scan fits no cluster well.</p>
+<p><b>Methods:</b> <i>default</i> is the engine's map, checked to localise simulated abnormalities;
+<i>faithful CLAM</i> is the paper's channel-weighted map, kept for comparison.</p>
+<p><b>Python console:</b></p><pre>{CONSOLE_EXAMPLE}</pre>
+"""
+        self.parent.acknowledgementText = """
+Method: J. Ryan et al., "Cluster activation mapping with applications to computed tomography scans of the
+lung", J. Med. Imaging 9(2):026001, 2022, doi:10.1117/1.JMI.9.2.026001. Extension by the CLAM team.
+"""
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class CLAMParameterNode:
+    """Panel settings, saved with the scene; names match the .ui's SlicerParameterName properties."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelPath: pathlib.Path = demoBundlePath()
+    device: Annotated[str, Choice(["auto", "CPU", "GPU"])] = "auto"
+    clusters: Annotated[str, Choice(["all", "assigned"])] = "all"
+    method: Annotated[str, Choice(["default", "faithful CLAM"])] = "default"
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.2
+    colormap: Annotated[str, Choice(["inferno", "viridis", "magma", "plasma"])] = "inferno"
+    shownCluster: int = -1
+    trainUseFolder: bool = False
+    trainFolder: pathlib.Path = pathlib.Path.home()
+    trainK: Annotated[int, WithinRange(2, 12)] = 3
+    trainOutput: pathlib.Path = pathlib.Path.home() / "CLAM-models" / "my-model"
+
+
+#
+# Widget
+#
+
+
+class CLAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: loads CLAM.ui, binds it to the parameter node, forwards actions to CLAMLogic."""
+
+    def __init__(self, parent: Any = None) -> None:
+        """Initialise state; the GUI is built in setup()."""
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: CLAMLogic | None = None
+        self._parameterNode: CLAMParameterNode | None = None
+        self._parameterNodeGuiTag = None
+        self._training: CLAMMRML.BackgroundProcess | None = None
+        self._trainTemp: str | None = None
+        self._trainTimer = qt.QTimer()
+        self._trainTimer.setInterval(500)
+
+    def setup(self) -> None:
+        """Build the panel from the .ui file and connect it."""
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CLAM.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        for mrmlWidget in (self.ui.inputVolumeSelector, self.ui.trainVolumesSelector, self.ui.resultsTableView):
+            mrmlWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CLAMLogic()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.useDemoModelButton.connect("clicked(bool)", self.onUseDemo)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelCard)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.refreshResults)
+        self.ui.shownClusterComboBox.connect("activated(int)", self.onShownCluster)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrain)
+        self.ui.trainCancelButton.connect("clicked(bool)", self.onTrainCancel)
+        self._trainTimer.connect("timeout()", self.pollTraining)
+        self.ui.deviceFoundLabel.text = CLAMLogic.describeDevices(importTorch=False)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        self.onTrainCancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module."""
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller: Any, event: Any) -> None:
+        """Drop the parameter node before the scene closes."""
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller: Any, event: Any) -> None:
+        """Make a new parameter node once the scene is closed."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Get the parameter node; pick a CT if none is chosen."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode: CLAMParameterNode | None) -> None:
+        """Bind the GUI to a parameter node (connectGui) and observe it for live display updates."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+            self.onParameterChanged()
+            self.updateModelCard()
+            self.refreshResults()
+
+    def onParameterChanged(self, caller: Any = None, event: Any = None) -> None:
+        """Enable Apply when ready; apply opacity, threshold and colour map to the maps at once."""
+        p = self._parameterNode
+        ready = bool(p and p.inputVolume and (pathlib.Path(p.modelPath) / "model.json").is_file())
+        self.ui.applyButton.enabled = ready and not self.ui.cancelButton.enabled
+        self.ui.applyButton.toolTip = "Compute the CLAM maps." if ready else "Select an input CT and a model bundle."
+        self.ui.trainFolderPathLineEdit.enabled = bool(p and p.trainUseFolder)
+        self.ui.trainVolumesSelector.enabled = not (p and p.trainUseFolder)
+        if p and p.inputVolume:
+            maps = CLAMMRML.find_outputs(p.inputVolume, CLAMMRML.ROLE_MAP)
+            CLAMMRML.set_display(maps, p.opacity, p.threshold, p.colormap)
+
+    def updateModelCard(self, *args: Any) -> None:
+        """Show the chosen bundle's model card summary (read from its JSON, without loading torch)."""
+        if self._parameterNode:
+            self.ui.modelCardLabel.text = CLAMLogic.modelCardSummary(self._parameterNode.modelPath)
+
+    def onUseDemo(self) -> None:
+        """Select the demo bundle."""
+        self._parameterNode.modelPath = demoBundlePath()
+
+    def refreshResults(self, *args: Any) -> None:
+        """Show the assignment, table and shown-cluster choice of the current input's existing outputs."""
+        p = self._parameterNode
+        volume = p.inputVolume if p else None
+        tables = CLAMMRML.find_outputs(volume, CLAMMRML.ROLE_TABLE) if volume else []
+        maps = CLAMMRML.find_outputs(volume, CLAMMRML.ROLE_MAP) if volume else []
+        table = tables[0] if tables else None
+        self.ui.resultsTableView.setMRMLTableNode(table)
+        self.ui.assignedClusterLabel.text = table.GetAttribute("CLAM.Assignment") if table else "-"
+        self.ui.shownClusterComboBox.clear()
+        for node in sorted(maps, key=lambda n: int(n.GetAttribute(CLAMMRML.CLUSTER_ATTRIBUTE))):
+            self.ui.shownClusterComboBox.addItem(f"Cluster {node.GetAttribute(CLAMMRML.CLUSTER_ATTRIBUTE)}",
+                                                 node.GetID())
+        index = self.ui.shownClusterComboBox.findText(f"Cluster {p.shownCluster}") if p else -1
+        self.ui.shownClusterComboBox.setCurrentIndex(max(index, 0))
+
+    def onShownCluster(self, index: int) -> None:
+        """Show the chosen cluster's map over the CT."""
+        p = self._parameterNode
+        node = slicer.mrmlScene.GetNodeByID(self.ui.shownClusterComboBox.itemData(index) or "")
+        if p and node:
+            p.shownCluster = int(node.GetAttribute(CLAMMRML.CLUSTER_ATTRIBUTE))
+            CLAMMRML.show_overlay(node, p.inputVolume, p.opacity, p.threshold, p.colormap)
+
+    def _setBusy(self, busy: bool) -> None:
+        """Swap Apply and Cancel while a run is going on."""
+        self.ui.cancelButton.enabled = busy
+        self.ui.applyButton.enabled = not busy
+        self.onParameterChanged()
+
+    def _progress(self, fraction: float, message: str) -> None:
+        """Engine progress: update the bar, keep the GUI responsive."""
+        self.ui.progressBar.value = round(100 * fraction)
+        self.ui.statusLabel.text = message
+        slicer.app.processEvents()
+
+    def onApply(self) -> None:
+        """Run CLAM on the input (installing dependencies after asking, on the first run)."""
+        p = self._parameterNode
+        self._setBusy(True)
+        self.ui.progressBar.value = 0
+        try:
+            with slicer.util.tryWithErrorDisplay("CLAM failed.", waitCursor=True):
+                try:
+                    result = self.logic.process(p.inputVolume, p.modelPath, clusters=p.clusters, device=p.device,
+                                                method=METHODS[p.method], opacity=p.opacity,
+                                                threshold=p.threshold, colormap=p.colormap,
+                                                shownCluster=p.shownCluster, progress=self._progress)
+                except CLAMCancelled:
+                    self.ui.statusLabel.text = "Cancelled."
+                    return
+                p.shownCluster = result.assignment
+                q = ", ".join(f"{v:.2f}" for v in result.probabilities)
+                self.ui.statusLabel.text = f"Assigned cluster {result.assignment}; q = [{q}]."
+                self.ui.deviceFoundLabel.text = CLAMLogic.describeDevices(importTorch=True)
+                self.updateModelCard()
+        finally:
+            self._setBusy(False)
+            self.refreshResults()
+
+    def onCancel(self) -> None:
+        """Ask the running computation to stop."""
+        self.logic.cancel()
+
+    def onTrain(self) -> None:
+        """Start `clam train` in a background process on the chosen volumes or folder."""
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
+            self.logic.ensureDependencies(askConfirmation=True)
+            if p.trainUseFolder:
+                inputs = [str(p.trainFolder)]
+            else:
+                nodes = list(self.ui.trainVolumesSelector.checkedNodes())
+                if len(nodes) < p.trainK:
+                    raise ValueError(f"Check at least {p.trainK} volumes (k = {p.trainK}), or use a folder.")
+                self._trainTemp = tempfile.mkdtemp(prefix="CLAM-train-")
+                inputs = CLAMMRML.export_volumes(nodes, self._trainTemp)
+            self._training = self.logic.startTraining(inputs, p.trainK, p.trainOutput)
+            self.ui.trainLogTextEdit.clear()
+            self.ui.trainLogTextEdit.appendPlainText(" ".join(self._training.command))
+            self.ui.trainProgressBar.value = 0
+            self.ui.trainButton.enabled, self.ui.trainCancelButton.enabled = False, True
+            self._trainTimer.start()
+
+    def pollTraining(self) -> None:
+        """Timer: move training output into the log and the bar; finish when the process ends."""
+        if self._training is None:
+            return
+        lines, code = self._training.poll()
+        for line in lines:
+            self.ui.trainLogTextEdit.appendPlainText(line)
+        self.ui.trainProgressBar.value = round(100 * self._training.progress)
+        if code is not None:
+            self._finishTraining(code)
+
+    def onTrainCancel(self) -> None:
+        """Kill the training process tree."""
+        if self._training is not None:
+            self._training.cancel()
+            self._finishTraining(None)
+
+    def _finishTraining(self, code: int | None) -> None:
+        """Report the end of training, offer the new bundle, clean temporary files."""
+        self._trainTimer.stop()
+        out = self._parameterNode.trainOutput if self._parameterNode else None
+        if code is None:
+            self.ui.trainLogTextEdit.appendPlainText("Training cancelled.")
+        elif code == 0 and out and (pathlib.Path(out) / "model.json").is_file():
+            self.ui.trainLogTextEdit.appendPlainText(f"Done: bundle written to {out}; selected as the model.")
+            self._parameterNode.modelPath = pathlib.Path(out)
+        else:
+            self.ui.trainLogTextEdit.appendPlainText(f"Training failed (exit code {code}); see the log above.")
+        self._training = None
+        if self._trainTemp:
+            shutil.rmtree(self._trainTemp, ignore_errors=True)
+            self._trainTemp = None
+        self.ui.trainButton.enabled, self.ui.trainCancelButton.enabled = True, False
+
+
+#
+# Logic
+#
+
+
+class CLAMLogic(ScriptedLoadableModuleLogic):
+    """Computation without GUI: dependencies, model loading, CLAM maps into the scene, training process."""
+
+    def __init__(self) -> None:
+        """Start with no model loaded."""
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._models: dict[tuple[str, float], Any] = {}
+        self._cancel = False
+
+    def getParameterNode(self) -> CLAMParameterNode:
+        """The module's typed parameter node."""
+        return CLAMParameterNode(super().getParameterNode())
+
+    # dependencies
+
+    @staticmethod
+    def missingPackages() -> list[str]:
+        """pip requirements of engine packages that are not importable."""
+        return [req for name, req in PIP_PACKAGES if importlib.util.find_spec(name) is None]
+
+    def ensureDependencies(self, askConfirmation: bool = True) -> None:
+        """Make torch (through PyTorchUtils) and the other packages importable, asking before installing."""
+        if importlib.util.find_spec("torch") is None:
+            try:
+                import PyTorchUtils
+            except ImportError as error:
+                raise CLAMDependencyError("CLAM needs PyTorch. Install the 'PyTorch' extension from the Extensions "
+                                          "Manager, restart Slicer, then press Apply again.") from error
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
+                                                                  torchVersionRequirement=TORCH_REQUIREMENT)
+            if torch is None:
+                raise CLAMDependencyError("PyTorch is required but was not installed. Install it with the "
+                                          "PyTorch Utils module, then press Apply again.")
+        missing = self.missingPackages()
+        if missing:
+            text = ("CLAM needs these Python packages, which will be downloaded and installed now "
+                    f"(a few minutes):\n\n{', '.join(missing)}\n\nSlicer's own numpy is kept.")
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(text, "CLAM: install packages"):
+                raise CLAMDependencyError(f"Missing Python packages: {', '.join(missing)}.")
+            import numpy
+
+            # pinning numpy keeps pip from replacing Slicer's numpy while resolving scikit-learn / scipy
+            slicer.util.pip_install(" ".join([*missing, f"numpy=={numpy.__version__}"]))
+        import torch
+
+        def release(version: str) -> tuple[int, ...]:
+            return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:2])
+
+        if release(torch.__version__) < release(TORCH_REQUIREMENT):
+            raise CLAMDependencyError(f"PyTorch {torch.__version__} is too old; CLAM needs {TORCH_REQUIREMENT}. "
+                                      "Update it in the PyTorch Utils module and restart Slicer.")
+
+    @staticmethod
+    def describeDevices(importTorch: bool = False) -> str:
+        """What compute is available, for the panel (does not import torch unless asked or already loaded)."""
+        if "torch" not in sys.modules and not importTorch:
+            return "PyTorch not loaded yet" if importlib.util.find_spec("torch") else "PyTorch not installed"
+        try:
+            import torch
+        except ImportError:
+            return "PyTorch not installed"
+        if torch.cuda.is_available():
+            return f"GPU: {torch.cuda.get_device_name(0)} (PyTorch {torch.__version__})"
+        return f"CPU only (PyTorch {torch.__version__})"
+
+    # model
+
+    @staticmethod
+    def modelCardSummary(path: str | os.PathLike) -> str:
+        """One-paragraph summary of a bundle's card (k, grid, trained on), read from model.json only."""
+        return CLAMMRML.model_card_summary(path)
+
+    def loadModel(self, bundle: str | os.PathLike | Any) -> Any:
+        """A loaded engine model (cached per bundle folder and its modification time)."""
+        if not isinstance(bundle, (str, os.PathLike)):
+            return bundle  # already a CLAMModel
+        folder = pathlib.Path(bundle).resolve()
+        stamp = (folder / "model.json").stat().st_mtime if (folder / "model.json").exists() else 0.0
+        key = (str(folder), stamp)
+        if key not in self._models:
+            from CLAMLib import load_bundle
+
+            self._models = {key: load_bundle(folder)}
+        return self._models[key]
+
+    # run
+
+    def cancel(self) -> None:
+        """Ask the current process() call to stop at its next progress report."""
+        self._cancel = True
+
+    def process(self, volumeNode: vtkMRMLScalarVolumeNode, bundle: str | os.PathLike | Any,
+                clusters: str | Sequence[int] = "all", device: str = "auto", method: str = "default",
+                opacity: float = 0.5, threshold: float = 0.2, colormap: str = "inferno",
+                shownCluster: int | None = None,
+                progress: Callable[[float, str], None] | None = None) -> CLAMResult:
+        """Soft assignment and CLAM maps of a CT volume node, shown over it; no GUI needed.
+
+        Creates or updates one overlay volume per mapped cluster (the input's exact geometry) and one table.
+        """
+        if volumeNode is None:
+            raise ValueError("No input volume selected.")
+        self._cancel = False
+        self.ensureDependencies(askConfirmation=True)
+
+        def report(fraction: float, message: str) -> None:
+            if self._cancel:
+                raise CLAMCancelled()
+            if progress is not None:
+                progress(fraction, message)
+
+        report(0.0, "loading model")
+        model = self.loadModel(bundle)
+        report(0.02, "reading the volume")
+        image = CLAMMRML.volume_to_image(volumeNode)
+        explanation = model.explain_image(image, clusters=clusters, method=METHODS.get(method, method),
+                                          device=device.lower(), progress=report)
+        report(0.95, "writing maps to the scene")
+        result = CLAMMRML.apply_result(volumeNode, explanation, opacity=opacity, threshold=threshold,
+                                       colormap=colormap, shownCluster=shownCluster)
+        report(1.0, "done")
+        logger.info(f"CLAM: {volumeNode.GetName()} assigned to cluster {result.assignment}, "
+                    f"q = {[round(float(v), 3) for v in result.probabilities]}")
+        return result
+
+    def startTraining(self, inputs: Sequence[str], k: int, out: str | os.PathLike,
+                      extra: Sequence[str] = ()) -> CLAMMRML.BackgroundProcess:
+        """Run `clam train` (python -m CLAMLib.cli) in the background with Slicer's Python."""
+        python = shutil.which("PythonSlicer") or sys.executable
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([MODULE_DIR, *filter(None, [env.get("PYTHONPATH")])])
+        command = CLAMMRML.train_command(inputs, k, pathlib.Path(out).absolute(), python=python, extra=extra)
+        return CLAMMRML.BackgroundProcess(command, cwd=MODULE_DIR, env=env)
+
+
+#
+# Test
+#
+
+
+class CLAMTest(ScriptedLoadableModuleTest):
+    """Self-test in Slicer: the whole flow on a small synthetic CT with the demo model."""
+
+    def setUp(self) -> None:
+        """Start from an empty scene."""
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        """Run every test."""
+        self.setUp()
+        self.test_CLAM_process()
+
+    def test_CLAM_process(self) -> None:
+        """Maps on the input's geometry, a table of q, updates in place, input untouched."""
+        import numpy as np
+
+        self.delayDisplay("Making a synthetic CT")
+        array = np.full((32, 48, 48), -1000, np.int16)
+        array[4:28, 8:40, 4:44] = 40
+        array[6:26, 12:36, 8:22] = -850
+        array[6:26, 12:36, 26:40] = -850
+        array[14:18, 20:26, 30:35] = 20
+        ijkToRas = np.array([[-0.9, 0.1, 0, 20], [0.1, 0.9, 0, -30], [0, 0, 2.5, -40], [0, 0, 0, 1]])
+        ct = slicer.util.addVolumeFromArray(array, ijkToRas, name="synthetic CT")
+        before = (array.tobytes(), CLAMMRML.ijk_to_ras_array(ct).tobytes(), ct.GetName())
+        bundle = demoBundlePath()
+        self.assertTrue((bundle / "model.json").is_file(), f"demo bundle missing at {bundle}")
+
+        self.delayDisplay("Running CLAM")
+        logic = CLAMLogic()
+        logic.ensureDependencies(askConfirmation=False)  # a self-test must not wait for a dialog
+        result = logic.process(ct, bundle, clusters="all", device="auto")
+        k = result.k
+        self.assertGreaterEqual(k, 2)
+        self.assertAlmostEqual(float(np.sum(result.probabilities)), 1.0, places=4)
+        self.assertEqual(result.assignment, int(np.argmax(result.probabilities)))
+        self.assertEqual(sorted(result.mapNodes), list(range(k)))
+        for node in result.mapNodes.values():
+            np.testing.assert_allclose(CLAMMRML.ijk_to_ras_array(node), ijkToRas)
+            values = slicer.util.arrayFromVolume(node)
+            self.assertEqual(values.shape, array.shape)
+            self.assertTrue(0.0 <= values.min() and values.max() <= 1.0)
+        self.assertEqual(result.tableNode.GetNumberOfRows(), k)
+        composite = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceCompositeNodeRed")
+        self.assertEqual(composite.GetForegroundVolumeID(), result.mapNodes[result.assignment].GetID())
+        self.assertEqual(composite.GetBackgroundVolumeID(), ct.GetID())
+
+        self.delayDisplay("Re-running: outputs are updated, not duplicated")
+        count = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+        again = logic.process(ct, bundle, clusters="assigned", device="auto", method="faithful CLAM")
+        self.assertEqual(list(again.mapNodes), [again.assignment])
+        self.assertEqual(again.tableNode.GetID(), result.tableNode.GetID())
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), count - (k - 1))
+        after = (slicer.util.arrayFromVolume(ct).tobytes(), CLAMMRML.ijk_to_ras_array(ct).tobytes(), ct.GetName())
+        self.assertEqual(after, before)
+        self.delayDisplay("Test passed")

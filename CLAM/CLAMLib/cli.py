@@ -83,12 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--progress-json", action="store_true",
                        help="print progress as one JSON object per line on stdout (for the Slicer module)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its checkpoint (same scans and options) to the same "
+                            "result as an uninterrupted run")
+    train.add_argument("--checkpoint", type=Path, default=None,
+                       help="checkpoint folder, written after every epoch and removed at the end "
+                            "(default: OUT/checkpoint)")
+    train.add_argument("--report", type=Path, default=None,
+                       help="training report folder: loss curves, k selection, cluster sizes, QC pictures "
+                            "(default: OUT/report)")
+    train.add_argument("--no-qc", action="store_true", help="do not write a lung-mask QC picture per scan")
     _add_common(train)
 
     mp = sub.add_parser(
         "map", help="cluster assignments and maps for scans",
-        description="For each scan: the soft assignment to every cluster, the assigned cluster and the map of "
-                    "each cluster on the scan's own grid (NRRD), plus assignments.csv.")
+        description="For each scan: the soft assignment to every cluster, the assigned cluster, the map of each "
+                    "cluster on the scan's own grid and a lung-mask QC picture (under OUT/scans/ID/), plus "
+                    "OUT/assignments.csv (id, cluster, q per cluster, lung volume, status, reason), per-cluster "
+                    "average maps (OUT/clusters/) and a log. Scans finished earlier with the same model are "
+                    "skipped, so an interrupted run continues where it stopped. A scan that cannot be used is "
+                    "reported with its reason and the others go on; the exit status is then 3. Under torchrun the "
+                    "scans are shared among the processes.")
     mp.add_argument("model", type=Path, help="bundle folder written by `clam train` (e.g. models/clam-demo)")
     mp.add_argument("scans", nargs="+", help="image files, DICOM series folders, folders or a CSV manifest")
     mp.add_argument("--out", type=Path, required=True, help="output folder")
@@ -96,64 +111,166 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["default", "clam", "scorecam", "gradient", "occlusion"],
                     help="map method: default (the product's map) or clam (the paper's, faithful) and others")
     mp.add_argument("--clusters", default="all", choices=["all", "assigned"], help="which clusters to map")
+    mp.add_argument("--format", default="nrrd", choices=["nrrd", "nifti"],
+                    help="file format of the maps: nrrd (.nrrd) or nifti (.nii.gz) (default: nrrd)")
+    mp.add_argument("--no-qc", action="store_true", help="do not write a lung-mask QC picture per scan")
+    mp.add_argument("--redo", action="store_true", help="map every scan again, also those finished earlier")
     _add_common(mp)
     return parser
 
 
-def _json_progress(fraction: float, stage: str, message: str) -> None:
-    print(json.dumps({"progress": round(fraction, 4), "stage": stage, "message": message}), flush=True)
+def _progress_printer(json_lines: bool):
+    """A training progress callback that adds the elapsed time and an estimate of the time left."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    start, first = time.perf_counter(), [None]
+
+    def report(fraction: float, stage: str, message: str) -> None:
+        elapsed = time.perf_counter() - start
+        if first[0] is None:
+            first[0] = fraction
+        done = fraction - first[0]
+        eta = elapsed * (1 - fraction) / done if done > 1e-3 else None
+        if json_lines:
+            print(json.dumps({"progress": round(fraction, 4), "stage": stage, "message": message,
+                              "elapsed_s": round(elapsed, 1), "eta_s": None if eta is None else round(eta, 1)}),
+                  flush=True)
+        else:
+            left = "" if eta is None else f", about {_duration(eta)} left"
+            tqdm.write(f"[{100 * fraction:5.1f}%] {stage}: {message} ({_duration(elapsed)} elapsed{left})",
+                       file=sys.stderr)
+
+    return report
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as a short text (45 s, 3 min 5 s, 2 h 4 min)."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Fit and save a bundle."""
+    """Fit and save a bundle (under torchrun: every rank trains, rank 0 writes)."""
+    from tqdm.auto import tqdm
+
+    from .batch import checked_scan
     from .cohort import find_scans
+    from .distributed import device_for, from_env, shutdown
+    from .errors import InputError
     from .estimator import CLAMModel
     from .imageio import read_image
-    from .preprocess import PreprocessConfig
+    from .preprocess import PreprocessConfig, Preprocessor
+    from .qc import training_report
     from .train import TrainConfig
 
-    scans = find_scans(args.scans)
-    images = [read_image(s.path) for s in scans]
-    ndim = images[0].GetDimension()
-    model = CLAMModel(
-        preprocess=PreprocessConfig(grid=args.grid, ndim=ndim, register=args.register),
-        train=TrainConfig(k=args.k, k_range=tuple(args.k_range), pretrain_epochs=args.epochs,
-                          finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, seed=args.seed,
-                          device=args.device),
-        grid=args.grid, ndim=ndim, verbose=not (args.quiet or args.progress_json))
-    model.fit(images, progress=_json_progress if args.progress_json else None,
-              trained_on=f"{len(scans)} scans: {', '.join(s.id for s in scans[:5])}{' ...' if len(scans) > 5 else ''}")
-    path = model.save(args.out)
-    print(f"bundle written to {path} (k={model.k}, cluster sizes {model.summary_.cluster_sizes})", file=sys.stderr)
-    return 0
+    ctx = from_env(args.device)
+    try:
+        device = device_for(ctx, args.device)
+        scans = find_scans(args.scans)
+        report_dir = args.report or args.out / "report"
+        checkpoint = args.checkpoint or args.out / "checkpoint"
+        quiet = args.quiet or args.progress_json or not ctx.main
+        ndim = _cohort_ndim(scans)
+        rows: list[dict] = []
+        good = []
+
+        def checked_images():
+            """Every usable scan's image, once, for fitting the preprocessing; bad scans are recorded."""
+            for scan in tqdm(scans, desc="checking scans", disable=quiet):
+                qc = report_dir / "qc" / f"{scan.id}.png" if ctx.main and not args.no_qc else None
+                try:
+                    image, volume = checked_scan(scan, ndim, qc)
+                except CLAMError as exc:
+                    rows.append({"id": scan.id, "status": "failed", "reason": str(exc).splitlines()[0]})
+                    print(f"clam train: skipping {scan.id}: {exc}", file=sys.stderr)
+                    continue
+                rows.append({"id": scan.id, "status": "ok", "lung_volume_l": round(volume, 3), "reason": ""})
+                good.append(scan)
+                yield image
+
+        config = PreprocessConfig(grid=args.grid, ndim=ndim, register=args.register)
+        preprocessor = Preprocessor(config).fit(checked_images())
+        prepared, used = [], []
+        for scan in tqdm(good, desc="preprocessing", disable=quiet):
+            try:
+                prepared.append(preprocessor.transform(read_image(scan.path)))
+                used.append(scan)
+            except CLAMError as exc:
+                row = next(r for r in rows if r["id"] == scan.id)
+                row.update(status="failed", reason=str(exc).splitlines()[0])
+                print(f"clam train: skipping {scan.id}: {exc}", file=sys.stderr)
+        if not prepared:
+            raise InputError("no usable scans: every scan failed its checks (see the messages above).")
+        model = CLAMModel(
+            preprocess=config,
+            train=TrainConfig(k=args.k, k_range=tuple(args.k_range), pretrain_epochs=args.epochs,
+                              finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, seed=args.seed,
+                              device=device),
+            grid=args.grid, ndim=ndim, verbose=not quiet)
+        model.preprocessor_ = preprocessor
+        progress = _progress_printer(args.progress_json) if ctx.main and not args.quiet else None
+        names = ", ".join(s.id for s in used[:5]) + (" ..." if len(used) > 5 else "")
+        model.fit(prepared, progress=progress, trained_on=f"{len(used)} scans: {names}",
+                  trainer_options={"checkpoint": checkpoint, "resume": args.resume, "dist": ctx})
+        if ctx.main:
+            path = model.save(args.out)
+            training_report(model.summary_, report_dir, rows)
+            from .train import Checkpoint
+
+            Checkpoint(checkpoint).remove()
+            failed = [r["id"] for r in rows if r["status"] != "ok"]
+            print(f"bundle written to {path} (k={model.k}, cluster sizes {model.summary_.cluster_sizes}); "
+                  f"report in {report_dir}" + (f"; skipped {len(failed)} bad scans: {failed}" if failed else ""),
+                  file=sys.stderr)
+        return 0
+    finally:
+        shutdown(ctx)
+
+
+def _cohort_ndim(scans: list) -> int:
+    """Dimension of the cohort's model: 2 when the first readable scan is one slice, else 3."""
+    from .imageio import read_image
+
+    for scan in scans:
+        try:
+            image = read_image(scan.path)
+        except CLAMError:
+            continue
+        size = image.GetSize()
+        return 2 if image.GetDimension() == 2 or (len(size) == 3 and size[2] == 1) else 3
+    return 3
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    """Assign and map scans with a bundle."""
-    import csv
-
+    """Assign and map a cohort with a bundle (under torchrun the scans are shared among ranks)."""
+    from .batch import CohortMapper
     from .cohort import find_scans
+    from .distributed import device_for, from_env, shutdown
     from .estimator import load_bundle
-    from .imageio import atomic_path, read_image, write_image
 
-    model = load_bundle(args.model, device=args.device)
-    scans = find_scans(args.scans)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for scan in scans:
-        image = read_image(scan.path)
-        res = model.explain_image(image, clusters=args.clusters, method=args.method)
-        for c, m in res.maps.items():
-            write_image(m, args.out / scan.id / f"map_cluster{c}.nrrd")
-        rows.append([scan.id, res.assignment, *[f"{p:.6f}" for p in res.probabilities]])
-        print(f"{scan.id}: cluster {res.assignment}", file=sys.stderr)
-    with atomic_path(args.out / "assignments.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "cluster", *[f"q{c}" for c in range(model.k)]])
-            w.writerows(rows)
-    print(f"wrote {args.out / 'assignments.csv'}", file=sys.stderr)
-    return 0
+    ctx = from_env(args.device)
+    try:
+        device = device_for(ctx, args.device)
+        model = load_bundle(args.model, device=device)
+        scans = find_scans(args.scans)
+        mapper = CohortMapper(model, args.out, fmt=args.format, method=args.method, clusters=args.clusters,
+                              qc=not args.no_qc, device=device, dist=ctx, verbose=not args.quiet)
+        results = mapper.run(scans, redo=args.redo)
+        failed = [r for r in results if r.status != "ok"]
+        if ctx.main:
+            for r in failed:
+                print(f"clam map: {r.id} failed: {r.reason}", file=sys.stderr)
+            print(f"mapped {len(results) - len(failed)} of {len(results)} scans into {args.out} "
+                  f"(assignments.csv, scans/, clusters/, {mapper.log_path.name})", file=sys.stderr)
+        return 3 if failed else 0
+    finally:
+        shutdown(ctx)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

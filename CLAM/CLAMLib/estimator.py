@@ -53,8 +53,9 @@ class CLAMModel:
     # -- fitting -------------------------------------------------------------------------------------------
 
     def fit(self, images: Sequence[ImageLike], progress: Optional[Progress] = None,
-            trained_on: str = "", pretrained: Optional[ClusterNet] = None) -> CLAMModel:
-        """Fit preprocessing and the clustering network to a cohort of CT images (HU)."""
+            trained_on: str = "", pretrained: Optional[ClusterNet] = None,
+            trainer_options: Optional[dict[str, Any]] = None) -> CLAMModel:
+        """Fit preprocessing and the clustering network to a cohort of CT images (HU); trainer_options go to Trainer."""
         if len(images) == 0:
             raise InputError("no images to train on; give at least k + 1 scans.")
         if all(isinstance(im, Prepared) for im in images):
@@ -66,7 +67,8 @@ class CLAMModel:
             prepared = [self.preprocessor_.transform(im) for im in images]
         arrays = np.stack([p.array for p in prepared])
         self.cohort_mean_ = arrays.mean(0).astype(np.float32)
-        trainer = Trainer(self.architecture, self.train, progress=progress, verbose=self.verbose)
+        trainer = Trainer(self.architecture, self.train, progress=progress, verbose=self.verbose,
+                          **(trainer_options or {}))
         self.net_, self.summary_ = trainer.fit(arrays, net=pretrained)
         self.card_ = {"trained_on": trained_on or f"{len(images)} images", "n_subjects": len(images)}
         return self

@@ -19,8 +19,10 @@ class ExplainContext:
 
     baseline: Optional[torch.Tensor] = None  # cohort mean image (1, 1, *grid)
     lung: Optional[torch.Tensor] = None  # lung mask on the grid (1, 1, *grid), bool
-    batch_size: int = 64
+    batch_size: int = 64  # masked inputs per pass on the CPU; on CUDA the size is chosen from free memory
     seed: int = 0
+    bf16: bool = False  # bf16 autocast of the masked passes, CUDA only (maps within tolerance: benchmarks/README.md)
+    features: Optional[torch.Tensor] = None  # last-block activations of the current image, set by explain()
 
 
 def _upsample(a: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -30,26 +32,44 @@ def _upsample(a: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """fn over slices of x along its first axis, concatenated; no host synchronisation between slices."""
+    if len(x) <= batch_size:
+        return fn(x)
     return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def channel_masks(net: ClusterNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+_PASS_BYTES_FACTOR = 6  # bytes of one masked pass over the bytes of its input: input, mask, activations, slack
+
+
+def _masked_batch_size(net: ClusterNet, x: torch.Tensor, channels: int, ctx: ExplainContext) -> int:
+    """Masked inputs per pass: ctx.batch_size on the CPU; on CUDA as many as half the free memory holds."""
+    if x.device.type != "cuda":
+        return ctx.batch_size
+    free, _ = torch.cuda.mem_get_info(x.device)
+    first = net.arch.filters[0] / net.arch.stride**net.arch.ndim  # first block's activations per input voxel
+    per_input = x[0].numel() * 4 * (_PASS_BYTES_FACTOR + 2 * first)
+    return max(1, min(channels, int(free // 2 // per_input)))
+
+
+def channel_masks(net: ClusterNet, x: torch.Tensor, a: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Last-block activations A (C, *a) of one image and their min-max normalised upsampled masks H (C, *grid)."""
-    a = net.encoder.features(x)
+    a = net.encoder.features(x) if a is None else a
     u = _upsample(a, tuple(x.shape[2:]))[0]
     flat = u.flatten(1)
-    lo, hi = flat.min(1).values, flat.max(1).values
-    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    h = (u - lo.view(-1, *[1] * (u.ndim - 1))) / span.view(-1, *[1] * (u.ndim - 1))
-    h = torch.where((hi > lo).view(-1, *[1] * (u.ndim - 1)), h, torch.zeros_like(h))
+    lo, hi = flat.amin(1), flat.amax(1)  # two amin/amax passes beat one aminmax(dim) here
+    shape = (-1,) + (1,) * (u.ndim - 1)
+    scale = torch.where(hi > lo, 1.0 / torch.where(hi > lo, hi - lo, torch.ones_like(hi)), torch.zeros_like(hi))
+    h = u.sub_(lo.view(shape)).mul_(scale.view(shape))  # in place: a constant channel gives an all-zero mask
     return a[0], h
 
 
 def masked_scores(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations A (C, *a) and q(x * H_k) for every channel k: (C, k), from one batched set of passes."""
-    a, h = channel_masks(net, x)
-    scores = _batched(lambda hb: net.soft_assign(x * hb.unsqueeze(1)), h, ctx.batch_size)
-    return a, scores
+    a, h = channel_masks(net, x, ctx.features)
+    size = _masked_batch_size(net, x, len(h), ctx)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.bf16 and x.device.type == "cuda"):
+        scores = _batched(lambda hb: net.soft_assign(x * hb.unsqueeze(1)), h, size)
+    return a, scores.float()
 
 
 def combine(a: torch.Tensor, weights: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -129,11 +149,16 @@ def resolve_method(method: str) -> str:
     return method
 
 
+_NO_GRAD_METHODS = frozenset({"clam", "scorecam", "occlusion", "random"})  # safe under torch.inference_mode
+_FLUSH_EVERY = 16  # images whose results stay on the device before one copy to the host
+
+
 @torch.no_grad()
 def explain(net: ClusterNet, x: torch.Tensor, method: str = "default", ctx: Optional[ExplainContext] = None,
             progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Soft assignments (N, k) and maps (N, k, *grid) of a batch (N, 1, *grid), every cluster at once."""
-    fn = METHODS[resolve_method(method)]
+    name = resolve_method(method)
+    fn = METHODS[name]
     ctx = ctx or ExplainContext()
     net.eval()
     device = next(net.parameters()).device
@@ -141,14 +166,25 @@ def explain(net: ClusterNet, x: torch.Tensor, method: str = "default", ctx: Opti
         ctx.baseline = ctx.baseline.to(device)
     if ctx.lung is not None:
         ctx.lung = ctx.lung.to(device)
-    qs, maps = [], []
-    for i in range(len(x)):
-        xi = x[i : i + 1].to(device)
-        qs.append(net.soft_assign(xi)[0].cpu())
-        maps.append(fn(net, xi, ctx).float().cpu())
-        if progress is not None:
-            progress(1)
-    return torch.stack(qs).numpy(), torch.stack(maps).numpy()
+    qs, maps, pending_q, pending_m = [], [], [], []
+    try:
+        with torch.inference_mode(name in _NO_GRAD_METHODS):
+            for i in range(len(x)):
+                xi = x[i : i + 1].to(device, non_blocking=True)
+                ctx.features = net.encoder.features(xi)  # one pass gives q and, for CLAM, the activations
+                pending_q.append(net.soft_assign_features(ctx.features)[0])
+                pending_m.append(fn(net, xi, ctx).float())
+                if progress is not None:
+                    progress(1)
+                if len(pending_m) == _FLUSH_EVERY or i == len(x) - 1:  # one host copy per chunk, not per image
+                    qs.append(torch.stack(pending_q).cpu())
+                    maps.append(torch.stack(pending_m).cpu())
+                    pending_q, pending_m = [], []
+    finally:
+        ctx.features = None
+    if not qs:
+        return np.zeros((0, net.k), np.float32), np.zeros((0, net.k, *x.shape[2:]), np.float32)
+    return torch.cat(qs).numpy(), torch.cat(maps).numpy()
 
 
 def normalise_map(m: np.ndarray) -> np.ndarray:

@@ -7,6 +7,10 @@ Defaults (PreprocessConfig):
 - margin_mm 10: keeps the pleura and chest wall next to the lungs in the crop.
 - register "none": cropping to the lungs already removes most size and position differences; "affine" and
   "bspline" register each grid image to a template built from the training cohort.
+- centre True: intensities are (HU - hu_min) / scale (scale: the cohort's maximum, as in the paper) with voxels
+  outside the lungs set to the lung mean (done at native resolution, before resampling, so the lung border leaves
+  no bright rim); centring then subtracts that mean, so a scan's overall attenuation offset (scanner calibration,
+  inspiration level) is not what the clustering sees. centre False gives the paper's normalisation exactly.
 
 Registration works in grid index space (unit spacing, zero origin, identity direction), where every subject's
 crop box and the template coincide; `Prepared.transform` maps template index points to subject grid index points.
@@ -100,6 +104,7 @@ class PreprocessConfig:
     hu_max: float = 200.0
     margin_mm: float = 10.0
     register: str = "none"
+    centre: bool = True
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work."""
@@ -257,6 +262,7 @@ class Preprocessor:
         crop = sitk.Clamp(
             sitk.RegionOfInterest(work, size, index), sitk.sitkFloat32, config.hu_min, config.hu_max
         )
+        crop = _outside_to_lung_mean(crop, coarse)
         crop = _antialias(crop, grid.spacing)
         array = sitk.GetArrayFromImage(
             _resample(crop, grid, sitk.sitkLinear, config.hu_min, sitk.sitkFloat32)
@@ -299,7 +305,10 @@ class Preprocessor:
         if not lung.any():
             raise InputError("no lung voxels left on the model grid; check the scan covers the lungs")
         values = (array - np.float32(config.hu_min)) / np.float32(self.scale_)
-        values[~lung] = values[lung].mean()
+        lung_mean = values[lung].mean()
+        values[~lung] = lung_mean
+        if config.centre:  # remove the scan's overall attenuation offset: the lungs average 0, outside is 0
+            values -= lung_mean
         return Prepared(values.astype(np.float32, copy=False), lung, grid.native, grid.grid, transform)
 
 
@@ -321,6 +330,16 @@ class _Gridded:
     grid: Geometry
 
 
+def _outside_to_lung_mean(crop: sitk.Image, coarse: sitk.Image) -> sitk.Image:
+    """The crop with every voxel outside the lungs set to the lungs' mean, before resampling (no bright rim)."""
+    lung = _resample(coarse, Geometry.from_image(crop), sitk.sitkLinear, 0, sitk.sitkUInt8) > 127
+    stats = sitk.LabelStatisticsImageFilter()
+    stats.Execute(crop, sitk.Cast(lung, sitk.sitkUInt8))
+    if not stats.HasLabel(1):
+        raise InputError("no lung voxels inside the crop; check the scan covers the lungs")
+    return sitk.Mask(crop, sitk.Cast(lung, sitk.sitkUInt8), outsideValue=stats.GetMean(1))
+
+
 def _lungs_from_air(air: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """Lung mask (z, y, x bool) from an air mask: drop outside air, keep large parts, cut airways, close."""
     voxel = spacing[1] * spacing[2] * (1.0 if math.isinf(spacing[0]) else spacing[0])
@@ -332,7 +351,10 @@ def _lungs_from_air(air: np.ndarray, spacing: tuple[float, float, float]) -> np.
         sitk.GetImageFromArray(mask.astype(np.uint8)), radius, sitk.sitkBall, 1, True
     )
     mask = sitk.GetArrayViewFromImage(closed).astype(bool)
-    mask = _largest(mask | _inner(~mask), _KEEP_FRACTION / 2)
+    # fill holes enclosed by lung: in-slice for 2D; in 3D otherwise, so that the diaphragm's dome, enclosed by
+    # lung only within axial slices, stays out while lesions and vessels inside the lung come in
+    filled = mask | _inner(~mask) if flat else ndimage.binary_fill_holes(mask)
+    mask = _largest(filled, _KEEP_FRACTION / 2)
     if mask.sum() * voxel < _MIN_LUNG[2 if flat else 3]:
         raise InputError(
             "no lungs found: too little air inside the body; give a chest CT in Hounsfield units that covers the "

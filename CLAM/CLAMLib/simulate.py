@@ -102,12 +102,19 @@ HU_MIN, HU_MAX = -1024.0, 3071.0
 
 @dataclass(frozen=True)
 class LesionSpec:
-    """Lesions of one cluster: diameter range (mm), attenuation range (HU), lung zone and side."""
+    """Lesions of one cluster: diameter range (mm), attenuation range (HU), lung zone and side, optional site.
+
+    ``site`` places the lesion centre near a point given as fractions of the chosen lung's bounding box
+    (lateral to medial, anterior to posterior, inferior to superior), jittered uniformly within
+    ``jitter_mm``; without it the centre may fall anywhere in the allowed zone and side.
+    """
 
     diameter_mm: tuple[float, float] = (24.0, 26.0)
     hu: tuple[float, float] = (20.0, 40.0)
     zone: str = "any"
     side: str = "any"
+    site: Optional[tuple[float, float, float]] = None
+    jitter_mm: float = 10.0
 
     def check(self) -> None:
         """Raise InputError when a value is out of range."""
@@ -120,6 +127,11 @@ class LesionSpec:
             raise InputError(f"zone {self.zone!r}: use one of {ZONES}")
         if self.side not in SIDES:
             raise InputError(f"side {self.side!r}: use one of {SIDES}")
+        if self.site is not None and (len(self.site) != 3 or not all(0.0 <= f <= 1.0 for f in self.site)):
+            raise InputError(f"site {self.site}: give three fractions in 0..1 (lateral-medial, anterior-posterior, "
+                             "inferior-superior) of the lung's bounding box, or None")
+        if self.jitter_mm < 0:
+            raise InputError(f"jitter_mm={self.jitter_mm}: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -139,15 +151,18 @@ class ScenarioParams:
     def default(cls, scenario: str) -> ScenarioParams:
         """The default parameters of a scenario ("size", "location" or "intensity")."""
         solid = (20.0, 40.0)
+        middle, upper, lower = (0.5, 0.5, 0.5), (0.5, 0.5, 0.78), (0.5, 0.5, 0.22)
         if scenario == "size":
-            clusters = (LesionSpec((10.0, 12.0), solid), LesionSpec((28.0, 30.0), solid))
+            clusters = (LesionSpec((10.0, 12.0), solid, side="right", site=middle),
+                        LesionSpec((28.0, 30.0), solid, side="right", site=middle))
         elif scenario == "location":
             clusters = (
-                LesionSpec((24.0, 26.0), solid, zone="upper"),
-                LesionSpec((24.0, 26.0), solid, zone="lower"),
+                LesionSpec((24.0, 26.0), solid, zone="upper", side="right", site=upper),
+                LesionSpec((24.0, 26.0), solid, zone="lower", side="right", site=lower),
             )
         elif scenario == "intensity":
-            clusters = (LesionSpec((24.0, 26.0), (-460.0, -440.0)), LesionSpec((24.0, 26.0), solid))
+            clusters = (LesionSpec((24.0, 26.0), (-460.0, -440.0), side="right", site=middle),
+                        LesionSpec((24.0, 26.0), solid, side="right", site=middle))
         else:
             raise InputError(f"unknown scenario {scenario!r}: use one of {SCENARIOS}")
         return cls(clusters=clusters)
@@ -180,6 +195,8 @@ class ScenarioParams:
                 hu=tuple(float(v) for v in c["hu"]),
                 zone=c.get("zone", "any"),
                 side=c.get("side", "any"),
+                site=tuple(float(v) for v in c["site"]) if c.get("site") is not None else None,
+                jitter_mm=float(c.get("jitter_mm", 10.0)),
             )
             for c in d.pop("clusters")
         )
@@ -505,6 +522,17 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q
 
 
+def _site_distance(info: _LungInfo, spec: LesionSpec, rng: np.random.Generator) -> np.ndarray:
+    """Distance (mm) of every lung voxel to the spec's site in one lung (its side, or a random one); inf elsewhere."""
+    side = spec.side if spec.side != "any" else ("right", "left")[int(rng.integers(2))]
+    on_side = info.side == side
+    lo, hi = info.pts[on_side].min(0), info.pts[on_side].max(0)
+    frac = np.asarray(spec.site, dtype=float)
+    if side == "left":  # lateral is +x for the left lung, -x for the right (LPS)
+        frac[0] = 1.0 - frac[0]
+    return np.where(on_side, np.linalg.norm(info.pts - (lo + frac * (hi - lo)), axis=1), np.inf)
+
+
 def _insert_lesions(img: np.ndarray, info: _LungInfo, spec: LesionSpec, p: ScenarioParams,
                     rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
     """Insert p.n_lesions lesions of spec into img (in place); return the mask and lesion records."""
@@ -533,6 +561,9 @@ def _insert_lesions(img: np.ndarray, info: _LungInfo, spec: LesionSpec, p: Scena
         radius = diameter / 2.0
         need = radius * axes.max() + p.edge_mm / 2.0 + p.margin_mm
         cand = allowed & (dist >= room)
+        if spec.site is not None:  # within the jitter of the site, or the nearest places that have room
+            to_site = np.where(cand, _site_distance(info, spec, rng), np.inf)
+            cand &= to_site <= max(spec.jitter_mm, float(np.min(to_site)) + 1e-6)
         for rec in records:  # keep lesions apart
             gap = np.linalg.norm(info.pts - np.asarray(rec["_centre"]), axis=1)
             cand &= gap >= rec["_reach"] + need + 2.0

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -13,11 +17,20 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 from tqdm.auto import tqdm
 
+from .distributed import SINGLE, DistContext
 from .errors import InputError
+from .imageio import atomic_path
 from .model import Architecture, ClusterNet
 
 Progress = Callable[[float, str, str], None]
 """Progress callback: fraction done (0..1), stage name, message."""
+
+CHECKPOINT_FORMAT = "clam-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_CARD = "checkpoint.json"
+EXIT_AFTER_BATCHES_ENV = "CLAM_EXIT_AFTER_BATCHES"
+"""Test hook: when set to N > 0, the training process exits abruptly (code 75) after N optimiser steps."""
+EXIT_CODE = 75
 
 
 @dataclass
@@ -152,50 +165,221 @@ def choose_k(zn: np.ndarray, k_values: range, seed: int) -> tuple[int, list[dict
     return best["k"], table, fits
 
 
+class _AutoEncoder(torch.nn.Module):
+    """The encoder and decoder of a ClusterNet as one module (for DistributedDataParallel in pretraining)."""
+
+    def __init__(self, net: ClusterNet) -> None:
+        super().__init__()
+        self.encoder, self.decoder = net.encoder, net.decoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of a batch."""
+        return self.decoder(self.encoder(x))
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser's state as named tensors plus its JSON-able parameter groups (no pickle)."""
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, state in sd["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{pid}.{name}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Inverse of _flatten_optimizer, loaded into `opt`."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class Checkpoint:
+    """Training state saved after every epoch: safetensors (weights, optimiser, random state) plus a JSON card.
+
+    Each save writes a new state file, then atomically replaces checkpoint.json that names it, then removes
+    older state files, so an interruption at any moment leaves a complete, consistent checkpoint.
+    """
+
+    def __init__(self, folder: Union[str, Path]) -> None:
+        self.folder = Path(folder)
+
+    def exists(self) -> bool:
+        """True when a checkpoint card is present."""
+        return (self.folder / CHECKPOINT_CARD).is_file()
+
+    def save(self, stage: str, epoch: int, fingerprint: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Write the state of `stage` after `epoch` completed epochs."""
+        from safetensors.torch import save_file
+
+        from .bundle import sha256_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"state-{stage}-{epoch:05d}.safetensors"
+        with atomic_path(self.folder / name) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        card = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "stage": stage, "epoch": epoch,
+                "fingerprint": fingerprint, "file": name, "sha256": sha256_file(self.folder / name), "meta": meta}
+        with atomic_path(self.folder / CHECKPOINT_CARD) as tmp:
+            Path(tmp).write_text(json.dumps(card, indent=1) + "\n")
+        for old in self.folder.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def load(self, fingerprint: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The card and tensors of the checkpoint, checked against this run's data and settings."""
+        from safetensors.torch import load_file
+
+        from .bundle import sha256_file
+
+        fix = f"delete {self.folder} to start afresh, or drop --resume"
+        try:
+            card = json.loads((self.folder / CHECKPOINT_CARD).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"checkpoint {self.folder} cannot be read ({exc}); {fix}.") from exc
+        if card.get("format") != CHECKPOINT_FORMAT or card.get("version") != CHECKPOINT_VERSION:
+            raise InputError(f"{self.folder / CHECKPOINT_CARD} is not a CLAM checkpoint of version "
+                             f"{CHECKPOINT_VERSION}; {fix}.")
+        if card.get("fingerprint") != fingerprint:
+            raise InputError(f"checkpoint {self.folder} was made with other scans or training settings than this "
+                             f"run; give the same scans and options as the interrupted run, or {fix}.")
+        state = self.folder / card["file"]
+        if not state.is_file() or sha256_file(state) != card.get("sha256"):
+            raise InputError(f"checkpoint state {state} is missing or damaged; {fix}.")
+        return card, load_file(str(state))
+
+    def remove(self) -> None:
+        """Delete the checkpoint (after the bundle is safely written)."""
+        for f in list(self.folder.glob("state-*.safetensors")) + [self.folder / CHECKPOINT_CARD]:
+            f.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
+
+
 class Trainer:
-    """Fits a ClusterNet to a cohort: pretrain, k-means, DCEC fine-tuning."""
+    """Fits a ClusterNet to a cohort: pretrain, k-means, DCEC fine-tuning.
+
+    With `checkpoint` it saves its state after every epoch and, with `resume`, continues from the saved state to
+    the same result as an uninterrupted run. With a multi-process `dist` context (torchrun) it trains with
+    DistributedDataParallel on shares of the same global batches; only rank 0 writes checkpoints.
+    """
 
     def __init__(self, arch: Architecture, config: TrainConfig, progress: Optional[Progress] = None,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, checkpoint: Optional[Union[str, Path]] = None, resume: bool = False,
+                 dist: Optional[DistContext] = None) -> None:
         self.arch, self.config, self.progress, self.verbose = arch, config, progress, verbose
         self.device = resolve_device(config.device)
+        self.dist = dist or SINGLE
+        self.checkpoint = Checkpoint(checkpoint) if checkpoint is not None else None
+        self.resume = resume
+        self._fingerprint = ""
+        self._saved: Optional[tuple[dict, dict[str, torch.Tensor]]] = None
+        self._stage_meta: dict[str, Any] = {}
+        self._stage_tensors: dict[str, torch.Tensor] = {}
+        self._batches = 0
+        self._exit_after = int(os.environ.get(EXIT_AFTER_BATCHES_ENV, "0") or 0)
 
     def _report(self, fraction: float, stage: str, message: str) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self.dist.main:
             self.progress(min(max(fraction, 0.0), 1.0), stage, message)
 
-    def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.verbose, leave=False, dynamic_ncols=True)
+    def _bar(self, total: int, desc: str, initial: int = 0):
+        return tqdm(total=total, initial=initial, desc=desc, disable=not (self.verbose and self.dist.main),
+                    leave=False, dynamic_ncols=True)
+
+    # -- distributed and checkpoint plumbing ---------------------------------------------------------------
+
+    def _parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module wrapped in DistributedDataParallel when several processes train, else itself."""
+        if not self.dist.active:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, weight: float) -> None:
+        """One optimiser step; under DDP the loss is weighted so that the averaged gradient is the global mean."""
+        opt.zero_grad(set_to_none=True)
+        (loss * weight if self.dist.active else loss).backward()
+        opt.step()
+        self._batches += 1
+        if self._exit_after and self._batches >= self._exit_after:
+            os._exit(EXIT_CODE)  # test hook: an abrupt interruption, no clean-up
+
+    def _fingerprint_of(self, x: torch.Tensor) -> str:
+        """SHA-256 of the training data and every setting that changes the result."""
+        h = hashlib.sha256(x.numpy().tobytes())
+        settings = {k: v for k, v in self.config.to_dict().items() if k != "device"}
+        h.update(json.dumps({"config": settings, "arch": self.arch.to_dict()}, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def _save(self, stage: str, epoch: int, net: ClusterNet, opt: torch.optim.Optimizer, gen: torch.Generator,
+              meta: dict) -> None:
+        if self.checkpoint is None or not self.dist.main:
+            return
+        tensors, opt_meta = _flatten_optimizer(opt)
+        tensors.update({f"net.{k}": v for k, v in net.state_dict().items()})
+        tensors["generator"] = gen.get_state()
+        tensors.update(self._stage_tensors)
+        self.checkpoint.save(stage, epoch, self._fingerprint, {**self._stage_meta, **meta, "optimizer": opt_meta,
+                                                               "k": net.k}, tensors)
+
+    def _restore(self, stage: str, net: ClusterNet, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+        """Load a saved state of `stage` into net, optimiser and generator; the number of epochs already done."""
+        if self._saved is None or self._saved[0]["stage"] != stage:
+            return 0
+        card, tensors = self._saved
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        _unflatten_optimizer(opt, tensors, card["meta"]["optimizer"])
+        gen.set_state(tensors["generator"].clone())
+        return int(card["epoch"])
+
+    # -- the stages ----------------------------------------------------------------------------------------
 
     def pretrain(self, net: ClusterNet, x: torch.Tensor, gen: torch.Generator) -> list[float]:
         """Train the autoencoder on reconstruction (MSE)."""
-        cfg, losses = self.config, []
+        cfg = self.config
         params = list(net.encoder.parameters()) + list(net.decoder.parameters())
         opt = torch.optim.Adam(params, lr=cfg.lr)
-        with self._bar(cfg.pretrain_epochs, "pretrain autoencoder") as bar:
-            for epoch in range(cfg.pretrain_epochs):
+        first = self._restore("pretrain", net, opt, gen)
+        losses: list[float] = list(self._saved[0]["meta"]["pretrain_loss"]) if first else []
+        model = self._parallel(_AutoEncoder(net))
+        with self._bar(cfg.pretrain_epochs, "pretrain autoencoder", first) as bar:
+            for epoch in range(first, cfg.pretrain_epochs):
                 net.train()
                 total = torch.zeros((), device=self.device)
                 for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
-                    xb = x[idx].to(self.device)
-                    loss = torch.nn.functional.mse_loss(net.decoder(net.encoder(xb)), xb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.detach() * len(idx)
-                losses.append(float(total) / len(x))
+                    local, weight = self.dist.share(idx)
+                    xb = x[local].to(self.device)
+                    loss = torch.nn.functional.mse_loss(model(xb), xb)
+                    self._step(opt, loss, weight)
+                    total += loss.detach() * (len(local) if weight else 0)
+                losses.append(float(self.dist.all_sum(total)) / len(x))
                 bar.set_postfix(mse=f"{losses[-1]:.2e}")
                 bar.update()
+                self._save("pretrain", epoch + 1, net, opt, gen, {"pretrain_loss": losses})
                 self._report(0.6 * (epoch + 1) / cfg.pretrain_epochs, "pretrain", f"epoch {epoch + 1}: mse {losses[-1]:.3e}")
         return losses
 
     def finetune(self, net: ClusterNet, x: torch.Tensor, gen: torch.Generator) -> tuple[list[float], np.ndarray]:
         """DCEC fine-tuning: gamma * KL(P || Q) + MSE, target and latent normalisation refreshed each epoch."""
-        cfg, losses = self.config, []
+        cfg = self.config
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-        labels_prev = None
-        with self._bar(cfg.finetune_epochs, "fine-tune clustering") as bar:
-            for epoch in range(cfg.finetune_epochs):
+        first = self._restore("finetune", net, opt, gen)
+        meta = self._saved[0]["meta"] if first else {}
+        losses: list[float] = list(meta.get("finetune_loss", []))
+        labels_prev = np.asarray(meta["labels_prev"]) if meta.get("labels_prev") is not None else None
+        if self._saved is None or self._saved[0]["stage"] != "finetune":
+            self._save("finetune", 0, net, opt, gen, {"finetune_loss": [], "labels_prev": None})
+        model = self._parallel(net)
+        with self._bar(cfg.finetune_epochs, "fine-tune clustering", first) as bar:
+            for epoch in range(first, cfg.finetune_epochs):
                 z = embed(net, x, self.device)
                 with torch.no_grad():
                     _normalise_latent(net, z.to(self.device))
@@ -208,18 +392,18 @@ class Trainer:
                 net.train()
                 total = torch.zeros((), device=self.device)
                 for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
-                    xb, pb = x[idx].to(self.device), p[idx].to(self.device)
-                    zb = net.encoder(xb)
-                    qb = net.head(zb)
+                    local, weight = self.dist.share(idx)
+                    xb, pb = x[local].to(self.device), p[local].to(self.device)
+                    qb, recon = model(xb)
                     kl = torch.nn.functional.kl_div(qb.clamp_min(1e-12).log(), pb, reduction="batchmean")
-                    loss = cfg.gamma * kl + torch.nn.functional.mse_loss(net.decoder(zb), xb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.detach() * len(idx)
-                losses.append(float(total) / len(x))
+                    loss = cfg.gamma * kl + torch.nn.functional.mse_loss(recon, xb)
+                    self._step(opt, loss, weight)
+                    total += loss.detach() * (len(local) if weight else 0)
+                losses.append(float(self.dist.all_sum(total)) / len(x))
                 bar.set_postfix(loss=f"{losses[-1]:.2e}")
                 bar.update()
+                self._save("finetune", epoch + 1, net, opt, gen,
+                           {"finetune_loss": losses, "labels_prev": labels_prev.tolist()})
                 self._report(0.65 + 0.35 * (epoch + 1) / cfg.finetune_epochs, "finetune", f"epoch {epoch + 1}: loss {losses[-1]:.3e}")
         z = embed(net, x, self.device)
         with torch.no_grad():
@@ -244,36 +428,55 @@ class Trainer:
         if n < max(k_values) + 1:
             raise InputError(f"{n} images cannot form {max(k_values)} clusters; give more images or a smaller k.")
         gen = seed_everything(cfg.seed)
-        if net is None:
-            net = ClusterNet(self.arch, max(k_values)).to(self.device)
-            pretrain_loss = self.pretrain(net, x, gen)
+        if self.checkpoint is not None:
+            self._fingerprint = self._fingerprint_of(x) + ("" if net is None else ":pretrained")
+            if self.resume and self.checkpoint.exists():
+                self._saved = self.checkpoint.load(self._fingerprint)
+        resumed_finetune = self._saved is not None and self._saved[0]["stage"] == "finetune"
+        if resumed_finetune:
+            meta, tensors = self._saved[0]["meta"], self._saved[1]
+            pretrain_loss, k, table = list(meta["pretrain_loss"]), int(meta["k"]), meta["k_table"]
+            km_labels, sil_start = np.asarray(meta["kmeans_labels"]), float(meta["silhouette_kmeans"])
+            start_state = {k_[6:]: v.clone() for k_, v in tensors.items() if k_.startswith("start.")}
+            final = ClusterNet(self.arch, k).to(self.device)
+            self._stage_meta = {key: meta[key] for key in ("pretrain_loss", "k_table", "kmeans_labels",
+                                                            "silhouette_kmeans")}
+            self._stage_tensors = {f"start.{k_}": v for k_, v in start_state.items()}
         else:
-            net = copy.deepcopy(net).to(self.device)
-            pretrain_loss = []
-        z = embed(net, x, self.device)
-        with torch.no_grad():
-            zn = _normalise_latent(net, z.to(self.device)).cpu().numpy()
-        self._report(0.62, "kmeans", "k-means on the embedding")
-        k, table, fits = choose_k(zn, k_values, cfg.seed)
-        km = fits[k]
-        final = ClusterNet(self.arch, k).to(self.device)
-        state = {name: t for name, t in net.state_dict().items() if not name.startswith("head.centroids")}
-        final.load_state_dict(state, strict=False)
-        with torch.no_grad():
-            final.head.centroids.copy_(torch.as_tensor(km.cluster_centers_, dtype=torch.float32))
-        start_state = copy.deepcopy(final.state_dict())
-        sil_start = _silhouette(zn, km.labels_)
-        finetune_loss, labels = self.finetune(final, x, gen) if k > 1 else ([], km.labels_.copy())
+            if net is None:
+                net = ClusterNet(self.arch, max(k_values)).to(self.device)
+                pretrain_loss = self.pretrain(net, x, gen)
+            else:
+                net = copy.deepcopy(net).to(self.device)
+                pretrain_loss = []
+            z = embed(net, x, self.device)
+            with torch.no_grad():
+                zn = _normalise_latent(net, z.to(self.device)).cpu().numpy()
+            self._report(0.62, "kmeans", "k-means on the embedding")
+            k, table, fits = choose_k(zn, k_values, cfg.seed)
+            km = fits[k]
+            km_labels = km.labels_
+            final = ClusterNet(self.arch, k).to(self.device)
+            state = {name: t for name, t in net.state_dict().items() if not name.startswith("head.centroids")}
+            final.load_state_dict(state, strict=False)
+            with torch.no_grad():
+                final.head.centroids.copy_(torch.as_tensor(km.cluster_centers_, dtype=torch.float32))
+            start_state = copy.deepcopy(final.state_dict())
+            sil_start = _silhouette(zn, km.labels_)
+            self._stage_meta = {"pretrain_loss": pretrain_loss, "k_table": table,
+                                "kmeans_labels": km.labels_.tolist(), "silhouette_kmeans": sil_start}
+            self._stage_tensors = {f"start.{k_}": v for k_, v in start_state.items()}
+        finetune_loss, labels = self.finetune(final, x, gen) if k > 1 else ([], km_labels.copy())
         zn_end = final.head.normalise(embed(final, x, self.device).to(self.device)).detach().cpu().numpy()
         sil_end = _silhouette(zn_end, labels)
-        kept = bool(len(np.unique(labels)) == len(np.unique(km.labels_)) and not (sil_end < sil_start))
+        kept = bool(len(np.unique(labels)) == len(np.unique(km_labels)) and not (sil_end < sil_start))
         if not kept:
             final.load_state_dict(start_state)
-            labels = km.labels_.copy()
+            labels = km_labels.copy()
         summary = TrainSummary(
             k=k, n_subjects=n, device=str(self.device), pretrain_loss=pretrain_loss, finetune_loss=finetune_loss,
             k_table=table, silhouette_kmeans=sil_start, silhouette_final=sil_end if kept else sil_start,
-            finetune_kept=kept, kmeans_labels=km.labels_.tolist(), labels=[int(v) for v in labels],
+            finetune_kept=kept, kmeans_labels=km_labels.tolist(), labels=[int(v) for v in labels],
             cluster_sizes=np.bincount(labels, minlength=k).tolist(), seconds=time.perf_counter() - start,
         )
         self._report(1.0, "done", f"k={k}, cluster sizes {summary.cluster_sizes}")

@@ -1,0 +1,246 @@
+"""Cohort mapping: per-scan maps on the native grid, an assignments CSV, per-cluster average maps; resumable.
+
+Layout of the output folder:
+    assignments.csv                  id, cluster, q0..q{k-1}, lung_volume_l, status, reason (one row per scan)
+    map.log (map-rank{r}.log)        one line per scan: done, skipped or failed with the reason
+    scans/<id>/map_cluster{c}.nrrd   map of cluster c on the scan's exact geometry (or .nii.gz)
+    scans/<id>/qc.png                lung-mask outline on three orthogonal slices
+    scans/<id>/result.json           soft assignment, cluster, lung volume
+    scans/<id>/grid_maps.safetensors maps on the model grid (for the cluster averages)
+    scans/<id>/.done                 written last: the scan is complete for this bundle
+    clusters/average_cluster{c}.nrrd|.png  mean map of cluster c over the scans assigned to it (model grid)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .cohort import Scan
+from .distributed import SINGLE, DistContext
+from .errors import CLAMError, InputError
+from .imageio import atomic_path, check_image, read_image, write_image
+from .qc import lung_volume_litres, map_picture, qc_picture
+
+FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
+DONE = ".done"
+
+
+@dataclass
+class ScanResult:
+    """What mapping one scan gave: status ok or failed, and for ok scans the soft assignment."""
+
+    id: str
+    status: str
+    cluster: int | None = None
+    q: list[float] = field(default_factory=list)
+    lung_volume_l: float | None = None
+    reason: str = ""
+    seconds: float = 0.0
+    rank: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return dict(self.__dict__)
+
+
+def checked_scan(scan: Scan, ndim: int, qc_path: Path | None = None) -> tuple[sitk.Image, float]:
+    """Read a scan, check it suits an `ndim`-D model and has lungs; write its QC picture; return it and lung litres."""
+    from .preprocess import lung_mask
+
+    image = read_image(scan.path)
+    check_image(image, ndim)
+    if ndim != 3:
+        return image, float("nan")
+    mask = lung_mask(image)
+    volume = lung_volume_litres(mask)
+    if qc_path is not None:
+        qc_picture(image, mask, qc_path, title=scan.id)
+    return image, volume
+
+
+def _reason(exc: BaseException) -> str:
+    """One line naming what went wrong."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if isinstance(exc, CLAMError) else f"{type(exc).__name__}: {text}"
+
+
+class CohortMapper:
+    """Maps the scans of a cohort with a fitted CLAMModel into an output folder; safe to rerun and to shard."""
+
+    def __init__(self, model: Any, out: str | Path, fmt: str = "nrrd", method: str = "default",
+                 clusters: str = "all", qc: bool = True, device: str | None = None,
+                 dist: DistContext | None = None, verbose: bool = True) -> None:
+        if fmt not in FORMATS:
+            raise InputError(f"unknown map format {fmt!r}; use one of {', '.join(FORMATS)}.")
+        self.model, self.out, self.fmt, self.method = model, Path(out), fmt, method
+        self.clusters, self.qc, self.device = clusters, qc, device
+        self.dist = dist or SINGLE
+        self.verbose = verbose
+        self.model_id = _model_id(model)
+        self.log_path = self.out / ("map.log" if not self.dist.active else f"map-rank{self.dist.rank}.log")
+
+    def folder(self, scan: Scan) -> Path:
+        """Output folder of one scan."""
+        return self.out / "scans" / scan.id
+
+    def is_done(self, scan: Scan) -> bool:
+        """True when the scan was completed earlier with the same bundle and settings."""
+        marker = self.folder(scan) / DONE
+        if not marker.is_file() or not (self.folder(scan) / "result.json").is_file():
+            return False
+        try:
+            return json.loads(marker.read_text()).get("model") == self.model_id + self._settings()
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def _settings(self) -> str:
+        return f"|{self.method}|{self.clusters}|{self.fmt}"
+
+    def _log(self, text: str) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(f"{datetime.now().isoformat(timespec='seconds')} {text}\n")
+
+    def map_scan(self, scan: Scan) -> ScanResult:
+        """Map one scan, writing its outputs (done marker last); a bad scan gives a failed result, not an error."""
+        start = time.perf_counter()
+        folder = self.folder(scan)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = self._map(scan, folder)
+        except (CLAMError, RuntimeError, OSError, ValueError, MemoryError) as exc:
+            result = ScanResult(scan.id, "failed", reason=_reason(exc), rank=self.dist.rank)
+            if not isinstance(exc, CLAMError):
+                self._log(f"{scan.id} traceback: {traceback.format_exc(limit=3)!r}")
+        result.seconds = round(time.perf_counter() - start, 3)
+        with atomic_path(folder / "result.json") as tmp:
+            Path(tmp).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        if result.status == "ok":
+            with atomic_path(folder / DONE) as tmp:
+                Path(tmp).write_text(json.dumps({"model": self.model_id + self._settings(), "id": scan.id,
+                                                 "source": str(scan.path)}) + "\n")
+            self._log(f"{scan.id} done: cluster {result.cluster}, lung {result.lung_volume_l:.2f} L, "
+                      f"{result.seconds:.1f} s, rank {self.dist.rank}")
+        else:
+            (folder / DONE).unlink(missing_ok=True)
+            self._log(f"{scan.id} FAILED: {result.reason} (source {scan.path})")
+        return result
+
+    def _map(self, scan: Scan, folder: Path) -> ScanResult:
+        from safetensors.numpy import save_file
+
+        from .explain import normalise_map
+
+        model = self.model
+        (folder / DONE).unlink(missing_ok=True)
+        image, volume = checked_scan(scan, model.architecture.ndim, folder / "qc.png" if self.qc else None)
+        prepared = model.prepare([image])[0]
+        del image  # the largest object; maps are resampled from the prepared geometry alone
+        q, maps = model.explain([prepared], self.method, self.device)
+        q, maps = q[0], maps[0]
+        assignment = int(q.argmax())
+        chosen = range(model.k) if self.clusters == "all" else [assignment]
+        grid = {}
+        for c in chosen:
+            m = normalise_map(maps[c])
+            grid[f"cluster{c}"] = m.astype(np.float16)
+            native = model.preprocessor_.to_native(m, prepared)
+            write_image(native, folder / f"map_cluster{c}{FORMATS[self.fmt]}")
+            del native
+        with atomic_path(folder / "grid_maps.safetensors") as tmp:
+            save_file(grid, str(tmp))
+        return ScanResult(scan.id, "ok", assignment, [float(v) for v in q], float(volume), rank=self.dist.rank)
+
+    def run(self, scans: Sequence[Scan], redo: bool = False) -> list[ScanResult]:
+        """Map this rank's share of the scans (skipping done ones), then on rank 0 write the CSV and averages."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        mine = self.dist.shard(scans)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(mine), desc="mapping scans", disable=not (self.verbose and self.dist.main),
+                  dynamic_ncols=True) as bar:
+            for scan in mine:
+                if not redo and self.is_done(scan):
+                    self._log(f"{scan.id} skipped: done earlier")
+                else:
+                    r = self.map_scan(scan)
+                    bar.set_postfix_str(f"{scan.id}: {r.status}")
+                bar.update()
+        self.dist.barrier()
+        results = [self._result(s) for s in scans]
+        if self.dist.main:
+            self.write_table(results)
+            self.write_averages(scans, results)
+        self.dist.barrier()
+        return results
+
+    def _result(self, scan: Scan) -> ScanResult:
+        try:
+            return ScanResult(**json.loads((self.folder(scan) / "result.json").read_text()))
+        except (OSError, json.JSONDecodeError, TypeError):
+            return ScanResult(scan.id, "failed", reason="no result was written (the run was interrupted?)")
+
+    def write_table(self, results: Sequence[ScanResult]) -> Path:
+        """assignments.csv: id, cluster, q per cluster, lung volume, status and reason for every scan."""
+        k = self.model.k
+        path = self.out / "assignments.csv"
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "cluster", *[f"q{c}" for c in range(k)], "lung_volume_l", "status", "reason"])
+            for r in results:
+                qs = [f"{v:.6f}" for v in r.q] if r.q else [""] * k
+                vol = "" if r.lung_volume_l is None else f"{r.lung_volume_l:.3f}"
+                w.writerow([r.id, "" if r.cluster is None else r.cluster, *qs, vol, r.status, r.reason])
+        return path
+
+    def write_averages(self, scans: Sequence[Scan], results: Sequence[ScanResult]) -> list[Path]:
+        """Mean map of each cluster over the scans assigned to it, on the model grid (NRRD and PNG)."""
+        from safetensors.numpy import load_file
+
+        k, written = self.model.k, []
+        sums: dict[int, np.ndarray] = {}
+        counts = np.zeros(k, dtype=int)
+        for scan, r in zip(scans, results):
+            if r.status != "ok":
+                continue
+            path = self.folder(scan) / "grid_maps.safetensors"
+            if not path.is_file():
+                continue
+            maps = load_file(str(path))
+            key = f"cluster{r.cluster}"
+            if key in maps:
+                sums[r.cluster] = sums.get(r.cluster, 0) + maps[key].astype(np.float32)
+                counts[r.cluster] += 1
+        for c, total in sorted(sums.items()):
+            mean = (total / counts[c]).astype(np.float32)
+            target = self.out / "clusters" / f"average_cluster{c}.nrrd"
+            write_image(sitk.GetImageFromArray(mean), target)
+            base = getattr(self.model, "cohort_mean_", None)
+            map_picture(mean, target.with_suffix(".png"), f"cluster {c}: mean map over {counts[c]} scans", base)
+            written.append(target)
+        return written
+
+
+def _model_id(model: Any) -> str:
+    """An identity of the fitted model: SHA-256 of its weights and preprocessing constants."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, value in model.net_.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().numpy().tobytes())
+    h.update(json.dumps(model.preprocessor_.state()[0], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,123 @@
+"""`clam map` over a cohort: native-grid maps, assignments CSV with bad scans, QC, averages, resumable reruns."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from CLAMLib.cli import main
+from CLAMLib.cohort import find_scans
+from CLAMLib.estimator import CLAMModel
+from CLAMLib.imageio import read_image
+from CLAMLib.train import TrainConfig
+from cohort_data import write_bad_scans, write_phantoms
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Phantom scans, bad scans and a tiny bundle trained on the phantoms (grid 16)."""
+    root = tmp_path_factory.mktemp("cohort")
+    paths = write_phantoms(root / "good")
+    bad = write_bad_scans(root / "bad", paths[0])
+    model = CLAMModel(grid=16, train=TrainConfig(k=2, pretrain_epochs=3, finetune_epochs=2, batch_size=4,
+                                                 device="cpu"), verbose=False)
+    model.fit([read_image(p) for p in paths])
+    model.save(root / "bundle")
+    return {"root": root, "good": paths, "bad": bad, "bundle": root / "bundle"}
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    with open(out / "assignments.csv", newline="") as f:
+        return {r["id"]: r for r in csv.DictReader(f)}
+
+
+def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5))
+
+
+def test_map_cohort_reports_bad_scans_and_writes_everything(cohort: dict, tmp_path: Path) -> None:
+    out = tmp_path / "maps"
+    rc = main(["map", str(cohort["bundle"]), str(cohort["root"] / "good"), str(cohort["root"] / "bad"),
+               "--out", str(out), "--device", "cpu", "--quiet"])
+    assert rc == 3  # some scans failed, the others completed
+    rows = _rows(out)
+    assert set(rows) == {p.stem for p in cohort["good"]} | set(cohort["bad"])
+    assert list(next(iter(rows.values()))) == ["id", "cluster", "q0", "q1", "lung_volume_l", "status", "reason"]
+    for name, word in cohort["bad"].items():
+        assert rows[name]["status"] == "failed" and word.lower() in rows[name]["reason"].lower(), rows[name]
+        assert name in (out / "map.log").read_text()
+    for path in cohort["good"]:
+        row = rows[path.stem]
+        assert row["status"] == "ok" and row["reason"] == ""
+        q = [float(row["q0"]), float(row["q1"])]
+        assert abs(sum(q) - 1) < 1e-4 and int(row["cluster"]) == int(np.argmax(q))
+        assert 2.0 < float(row["lung_volume_l"]) < 8.0
+        image = read_image(path)
+        for c in (0, 1):
+            m = sitk.ReadImage(str(out / "scans" / path.stem / f"map_cluster{c}.nrrd"))
+            assert _same_geometry(m, image)
+            assert m.GetPixelID() == sitk.sitkFloat32 and 0 <= sitk.GetArrayViewFromImage(m).min()
+        assert (out / "scans" / path.stem / "qc.png").stat().st_size > 1000
+        assert (out / "scans" / path.stem / ".done").is_file()
+    clusters = {int(rows[p.stem]["cluster"]) for p in cohort["good"]}
+    for c in clusters:
+        avg = sitk.ReadImage(str(out / "clusters" / f"average_cluster{c}.nrrd"))
+        assert avg.GetSize() == (16, 16, 16)
+        assert (out / "clusters" / f"average_cluster{c}.png").is_file()
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_rerun_skips_done_scans_and_redoes_unfinished_ones(cohort: dict, tmp_path: Path) -> None:
+    out = tmp_path / "maps"
+    scans = [str(p) for p in cohort["good"][:3]]
+    assert main(["map", str(cohort["bundle"]), *scans, "--out", str(out), "--device", "cpu", "--quiet",
+                 "--no-qc", "--format", "nifti"]) == 0
+    first = {p: p.stat().st_mtime_ns for p in out.glob("scans/*/map_cluster*.nii.gz")}
+    assert len(first) == 6
+    image = read_image(cohort["good"][0])
+    assert _same_geometry(sitk.ReadImage(str(out / "scans" / cohort["good"][0].stem / "map_cluster0.nii.gz")), image)
+    victim = cohort["good"][1].stem
+    (out / "scans" / victim / ".done").unlink()  # as if interrupted before its marker was written
+    before = _rows(out)
+    assert main(["map", str(cohort["bundle"]), *scans, "--out", str(out), "--device", "cpu", "--quiet",
+                 "--no-qc", "--format", "nifti"]) == 0
+    changed = {p for p in first if p.stat().st_mtime_ns != first[p]}
+    assert {p.parent.name for p in changed} == {victim}
+    log = (out / "map.log").read_text()
+    assert log.count("skipped: done earlier") == 2
+    assert _rows(out) == before
+
+
+def test_find_scans_folder_dicom_and_manifest(cohort: dict, tmp_path: Path) -> None:
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("id,path\n" + "".join(f"subject{i},{p}\n" for i, p in enumerate(cohort["good"][:2])))
+    scans = find_scans([manifest, cohort["root"] / "bad"])
+    assert [s.id for s in scans[:2]] == ["subject0", "subject1"]
+    assert {"broken", "slice2d", "nolungs", "gappy_dicom"} <= {s.id for s in scans}
+
+
+REAL = ["lung1_image.nrrd", "lung2_image.nrrd", "Lung_Dx-A0001_dicom", "Lung_Dx-A0002_dicom"]
+
+
+def test_map_real_chest_cts_keeps_each_geometry(cohort: dict, data_dir: Path, tmp_path: Path) -> None:
+    paths = [data_dir / "chest_ct" / name for name in REAL]
+    out = tmp_path / "real"
+    assert main(["map", str(cohort["bundle"]), *map(str, paths), "--out", str(out), "--device", "cpu",
+                 "--quiet"]) == 0
+    rows = _rows(out)
+    for path in paths:
+        scan = find_scans([path])[0]
+        row = rows[scan.id]
+        assert row["status"] == "ok", row
+        assert 2.0 < float(row["lung_volume_l"]) < 8.0, row  # plausible adult lungs (partly covered scans)
+        image = read_image(path)
+        for c in (0, 1):
+            m = sitk.ReadImage(str(out / "scans" / scan.id / f"map_cluster{c}.nrrd"))
+            assert m.GetSize() == image.GetSize() and m.GetSpacing() == image.GetSpacing()
+            assert m.GetOrigin() == image.GetOrigin() and m.GetDirection() == image.GetDirection()
+        assert (out / "scans" / scan.id / "qc.png").is_file()

@@ -1,0 +1,96 @@
+"""`clam train` on a cohort: an interrupted run resumes to the same weights; report and QC; two-rank DDP."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from CLAMLib.train import EXIT_AFTER_BATCHES_ENV, EXIT_CODE
+from cohort_data import TRAIN_ARGS, run_clam, write_phantoms
+from safetensors.torch import load_file
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of eight phantom scans."""
+    folder = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(scans: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted single-process run."""
+    out = tmp_path_factory.mktemp("reference") / "bundle"
+    done = run_clam(["train", str(scans), "--out", str(out), *[a for a in TRAIN_ARGS if a != "--no-qc"]])
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_training_report_and_qc(reference: Path) -> None:
+    report = reference / "report"
+    assert (report / "loss_curves.png").stat().st_size > 1000
+    assert (report / "k_selection.csv").read_text().startswith("k,silhouette")
+    assert "cluster sizes" in (report / "report.md").read_text()
+    assert len(list((report / "qc").glob("*.png"))) == 8
+    assert not (reference / "checkpoint").exists()  # removed once the bundle is written
+    rows = json.loads((report / "report.json").read_text())["scans"]
+    assert all(r["status"] == "ok" and 2 < r["lung_volume_l"] < 8 for r in rows)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(scans: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    args = ["train", str(scans), "--out", str(out), *TRAIN_ARGS]
+    # 8 scans in batches of 3 = 3 steps per epoch: step 4 is in pretraining epoch 2
+    first = run_clam(args, **{EXIT_AFTER_BATCHES_ENV: "4"})
+    assert first.returncode == EXIT_CODE, first.stderr
+    card = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    assert (card["stage"], card["epoch"]) == ("pretrain", 1)
+    # resumed: 6 steps finish pretraining, step 7 falls in fine-tuning epoch 1
+    second = run_clam(args + ["--resume"], **{EXIT_AFTER_BATCHES_ENV: "7"})
+    assert second.returncode == EXIT_CODE, second.stderr
+    card = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    assert (card["stage"], card["epoch"]) == ("finetune", 0)
+    third = run_clam(args + ["--resume"])
+    assert third.returncode == 0, third.stderr
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+    ta = json.loads((reference / "model.json").read_text())["training"]
+    tb = json.loads((out / "model.json").read_text())["training"]
+    assert ta["labels"] == tb["labels"] and ta["pretrain_loss"] == pytest.approx(tb["pretrain_loss"], abs=1e-7)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(scans: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    args = ["train", str(scans), "--out", str(out), *TRAIN_ARGS]
+    assert run_clam(args, **{EXIT_AFTER_BATCHES_ENV: "4"}).returncode == EXIT_CODE
+    other = run_clam(args + ["--seed", "5", "--resume"])
+    assert other.returncode == 2 and re.search(r"other scans or training settings", other.stderr), other.stderr
+
+
+def test_two_gloo_ranks_match_one_process_and_map_each_scan_once(scans: Path, reference: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    done = run_clam(["train", str(scans), "--out", str(out), *TRAIN_ARGS], torchrun=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = json.loads((reference / "model.json").read_text())["training"]
+    multi = json.loads((out / "model.json").read_text())["training"]
+    assert multi["labels"] == single["labels"]
+    assert multi["kmeans_labels"] == single["kmeans_labels"]
+    assert multi["pretrain_loss"] == pytest.approx(single["pretrain_loss"], rel=1e-4)
+    maps = tmp_path / "maps"
+    mapped = run_clam(["map", str(out), str(scans), "--out", str(maps), "--device", "cpu", "--quiet", "--no-qc"],
+                      torchrun=2)
+    assert mapped.returncode == 0, mapped.stderr[-3000:]
+    written = []
+    for log in sorted(maps.glob("map-rank*.log")):
+        written += re.findall(r" (\S+) done:", log.read_text())
+    assert sorted(written) == sorted(p.stem for p in scans.glob("*.nrrd"))  # every scan, each exactly once
+    assert len(list(maps.glob("map-rank*.log"))) == 2
+    with open(maps / "assignments.csv") as f:
+        assert len(f.read().splitlines()) == 9

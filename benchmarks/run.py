@@ -1,0 +1,489 @@
+"""CLAM speed and memory: against pytorch-grad-cam's Score-CAM (2D), the compute floor, and 3D end to end.
+
+One command, run inside the peer's venv so that both use the same torch (benchmarks/README.md):
+
+    python benchmarks/run.py [--quick] [--out benchmarks/results] [--device cpu|cuda]
+
+Prints a Markdown table and writes JSON (machine, versions, every timing, medians over repeats, ratios).
+Timings of CLAM, the peer and the floor are interleaved in each repeat (the order rotates), so that load
+from other processes falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "CLAM"))
+
+from CLAMLib import explain as ex  # noqa: E402
+from CLAMLib.model import Architecture, ClusterNet  # noqa: E402
+
+GRID_2D = 256
+KS = (2, 3, 4)
+E2E_SIZE = (512, 512, 300)  # SimpleITK order (x, y, z)
+E2E_GRID = 88
+E2E_K = 3
+MAP_TOL_SAME_MASKS = 1e-4  # max |ours - peer| on 0..1 maps when both use the peer's masks and post-processing
+MAP_TOL_PRODUCT = 0.05  # max |ours - peer| on 0..1 maps, product maps (see README for what differs)
+BF16_TOL = 2e-2  # max |bf16 - fp32| on 0..1 maps for bf16 autocast to count as keeping the maps
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (outside timed loops only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall-clock seconds of fn(), device work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """Machine and versions for the JSON record."""
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "numpy": np.__version__, "device": str(device),
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        from importlib.metadata import version
+        info["grad_cam"] = version("grad-cam")
+    except Exception:  # noqa: BLE001 - the peer is optional
+        info["grad_cam"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def summary(times: list[float]) -> dict[str, Any]:
+    """Median, min and max of a list of seconds."""
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": times}
+
+
+# -- the 2D model and slices ---------------------------------------------------------------------------------
+
+
+def phantom_slices(n: int, seed: int = 0) -> torch.Tensor:
+    """n axial 256 x 256 phantom slices (0..1, lung-like), from simulate.make_phantom."""
+    from CLAMLib.simulate import make_phantom
+    import SimpleITK as sitk
+
+    out = []
+    for i in range(n):
+        ct, _ = make_phantom(seed=seed + i, size=(GRID_2D, GRID_2D, 16), spacing=(350 / GRID_2D,) * 2 + (20.0,))
+        arr = sitk.GetArrayFromImage(ct)[8].astype(np.float32)
+        out.append((np.clip(arr, -1000, 200) + 1000) / 1200)
+    return torch.from_numpy(np.stack(out))[:, None]
+
+
+def random_slices(n: int, seed: int = 0) -> torch.Tensor:
+    """n smooth random 256 x 256 images (used where SimpleITK is missing)."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 1, 16, 16, generator=gen)
+    return F.interpolate(coarse, size=(GRID_2D, GRID_2D), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def make_net_2d(k: int, pool: torch.Tensor, seed: int = 0) -> ClusterNet:
+    """Seeded random-initialised 2D ClusterNet (same encoder for every k); centroids at k pool images' embeddings."""
+    torch.manual_seed(seed)
+    net = ClusterNet(Architecture(ndim=2, grid=GRID_2D), k).eval()
+    with torch.no_grad():
+        z = net.encoder(pool)
+        net.head.center.copy_(z.mean(0))
+        net.head.scale.fill_(float((z - z.mean(0)).norm(dim=1).mean()) or 1.0)
+        net.head.centroids.copy_(net.head.normalise(z[:k]))
+    return net
+
+
+class SoftAssignment(torch.nn.Module):
+    """The ClusterNet as the peer sees it: images in, soft assignment q (B, k) out."""
+
+    def __init__(self, net: ClusterNet) -> None:
+        """Wrap a ClusterNet."""
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """q of a batch."""
+        return self.net.soft_assign(x)
+
+
+# -- the three contenders ------------------------------------------------------------------------------------
+
+
+def ours(net: ClusterNet, x: torch.Tensor, ctx: ex.ExplainContext) -> np.ndarray:
+    """CLAM's Score-CAM maps of every cluster, one call: (N, k, H, W)."""
+    return ex.explain(net, x, "scorecam", ctx)[1]
+
+
+class _NoProgress:
+    """Stands in for the tqdm module inside the peer: tqdm.tqdm(iterable) is the iterable."""
+
+    @staticmethod
+    def tqdm(iterable: Any, *args: Any, **kwargs: Any) -> Any:
+        """The iterable itself."""
+        return iterable
+
+
+def peer(net: ClusterNet, x: torch.Tensor, batch_size: int) -> np.ndarray:
+    """pytorch-grad-cam ScoreCAM, run once per cluster: (N, k, H, W)."""
+    import pytorch_grad_cam.score_cam as score_cam
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    score_cam.tqdm = _NoProgress  # its per-batch progress bars cost time and flood the output
+    maps = []
+    with ScoreCAM(model=SoftAssignment(net), target_layers=[net.encoder.blocks[-1]]) as cam:
+        cam.batch_size = batch_size  # the same as ours: like for like (its default is 16)
+        for c in range(net.k):
+            maps.append(cam(input_tensor=x, targets=[ClassifierOutputTarget(c)] * len(x)))
+    return np.stack(maps, 1)
+
+
+def floor_passes(net: ClusterNet, x: torch.Tensor, masked: list[torch.Tensor], batch_size: int) -> None:
+    """The unavoidable passes alone: one encoder pass per image, one pass per channel of prebuilt masked inputs."""
+    with torch.inference_mode():
+        for i in range(len(x)):
+            net.encoder.features(x[i : i + 1])
+            for j in range(0, len(masked[i]), batch_size):
+                net.soft_assign(masked[i][j : j + batch_size])
+
+
+def masked_inputs(net: ClusterNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's C masked inputs (C, 1, H, W), built outside the floor's timing."""
+    with torch.inference_mode():
+        return [x[i : i + 1] * ex.channel_masks(net, x[i : i + 1])[1].unsqueeze(1) for i in range(len(x))]
+
+
+# -- agreement with the peer ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def peer_upsampling() -> Iterator[None]:
+    """Make our masks use the peer's upsampling (bilinear, align_corners=True) for a like-for-like check."""
+    saved = ex._upsample
+    ex._upsample = lambda a, size: F.interpolate(a, size=size, mode="bilinear", align_corners=True)
+    try:
+        yield
+    finally:
+        ex._upsample = saved
+
+
+def minmax(m: np.ndarray) -> np.ndarray:
+    """The peer's normalisation of each map: (m - min) / (max - min)."""
+    axes = tuple(range(m.ndim - 2, m.ndim))
+    lo, hi = m.min(axes, keepdims=True), m.max(axes, keepdims=True)
+    return (m - lo) / np.maximum(hi - lo, 1e-7)
+
+
+def agreement(net: ClusterNet, x: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """How our Score-CAM maps compare with the peer's, with its masks and post-processing and without."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    ctx = ex.ExplainContext(batch_size=batch_size)
+    ref = peer(net, x, batch_size)
+    product = minmax(ours(net, x, ctx))
+    with peer_upsampling(), torch.inference_mode():
+        same = []
+        for i in range(len(x)):
+            a, scores = ex.masked_scores(net, x[i : i + 1], ctx)
+            cam = torch.relu(torch.einsum("c...,ck->k...", a, torch.softmax(scores, 0))).numpy()
+            same.append(scale_cam_image(scale_cam_image(cam, (GRID_2D, GRID_2D))))  # the peer's min-max, resize, min-max
+    same_masks = np.stack(same)
+
+    def diff(m: np.ndarray) -> dict[str, float]:
+        d = np.abs(m - ref)
+        r = np.corrcoef(m.ravel(), ref.ravel())[0, 1]
+        return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "pearson_r": float(r)}
+
+    out = {"same_masks_and_postprocessing": diff(same_masks), "product_map": diff(product)}
+    out["same_masks_ok"] = out["same_masks_and_postprocessing"]["max_abs"] <= MAP_TOL_SAME_MASKS
+    out["product_ok"] = out["product_map"]["max_abs"] <= MAP_TOL_PRODUCT
+    return out
+
+
+# -- 2D benchmark --------------------------------------------------------------------------------------------
+
+
+def bench_2d(device: torch.device, n_images: int, repeats: int, batch_size: int, with_peer: bool,
+             use_phantoms: bool) -> dict[str, Any]:
+    """Ours (all k clusters, one call) against the peer run k times and the compute floor, k = 2, 3, 4."""
+    pool = phantom_slices(8) if use_phantoms else random_slices(8)
+    x = pool[:n_images].to(device)
+    nets = {k: make_net_2d(k, pool).to(device) for k in KS}
+    ctx = ex.ExplainContext(batch_size=batch_size)
+    masked = masked_inputs(nets[KS[0]], x)  # the encoder is the same for every k
+    contenders: dict[str, Callable[[int], Any]] = {
+        "ours": lambda k: ours(nets[k], x, ctx),
+        "floor": lambda k: floor_passes(nets[k], x, masked, batch_size),
+    }
+    if with_peer:
+        contenders["peer"] = lambda k: peer(nets[k], x, batch_size)
+    for k in KS:  # warm-up
+        for fn in contenders.values():
+            fn(k)
+    runs: dict[str, dict[int, list[float]]] = {name: {k: [] for k in KS} for name in contenders}
+    names = list(contenders)
+    for r in range(repeats):
+        for k in KS:
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                runs[name][k].append(timed(lambda: contenders[name](k), device))
+    result: dict[str, Any] = {"n_images": n_images, "grid": GRID_2D, "batch_size": batch_size,
+                              "channels": nets[KS[0]].arch.filters[-1], "repeats": repeats,
+                              "images": "phantom slices" if use_phantoms else "smooth random images",
+                              "model": "seeded random-initialised 2D ClusterNet, centroids at embeddings of pool images",
+                              "per_k": {}}
+    for k in KS:
+        row = {name: summary(runs[name][k]) for name in names}
+        row["ours_over_floor"] = row["ours"]["median"] / row["floor"]["median"]
+        row["ours_over_floor_per_repeat"] = statistics.median(
+            o / f for o, f in zip(runs["ours"][k], runs["floor"][k]))
+        if with_peer:
+            row["peer_over_ours"] = row["peer"]["median"] / row["ours"]["median"]
+            row["peer_over_ours_per_repeat"] = statistics.median(
+                p / o for p, o in zip(runs["peer"][k], runs["ours"][k]))
+        result["per_k"][k] = row
+    if with_peer:
+        result["agreement"] = agreement(nets[3], x.to(device), batch_size)
+    return result
+
+
+# -- bf16 on CUDA --------------------------------------------------------------------------------------------
+
+
+def bench_bf16(device: torch.device, repeats: int) -> dict[str, Any]:
+    """fp32 against bf16-autocast masked passes on CUDA: time and map difference, 2D 256 and 3D 88."""
+    out: dict[str, Any] = {}
+    for ndim, grid in ((2, GRID_2D), (3, E2E_GRID)):
+        torch.manual_seed(0)
+        net = ClusterNet(Architecture(ndim=ndim, grid=grid), E2E_K).to(device).eval()
+        x = torch.rand((2, 1) + (grid,) * ndim, device=device)
+        with torch.no_grad():
+            z = net.encoder(x)
+            net.head.center.copy_(z.mean(0))
+            net.head.centroids.normal_(0, 1)
+        fp32, bf16 = ex.ExplainContext(), ex.ExplainContext(bf16=True)
+        m32, m16 = ex.explain(net, x, "clam", fp32)[1], ex.explain(net, x, "clam", bf16)[1]
+        n32 = np.stack([[ex.normalise_map(c) for c in m] for m in m32])
+        n16 = np.stack([[ex.normalise_map(c) for c in m] for m in m16])
+        t32, t16 = [], []
+        for _ in range(repeats):
+            t32.append(timed(lambda: ex.explain(net, x, "clam", fp32), device))
+            t16.append(timed(lambda: ex.explain(net, x, "clam", bf16), device))
+        err = float(np.abs(n32 - n16).max())
+        out[f"{ndim}d_{grid}"] = {"fp32": summary(t32), "bf16": summary(t16), "max_abs_map_diff": err,
+                                  "within_tolerance": err <= BF16_TOL, "tolerance": BF16_TOL}
+    return out
+
+
+# -- 3D end to end -------------------------------------------------------------------------------------------
+
+
+def make_ct(path: Path) -> str:
+    """A 512 x 512 x 300 CT file: the shared real chest CT resampled, or an upscaled phantom without it."""
+    import SimpleITK as sitk
+
+    src = ROOT.parent / "shared" / "data" / "chest_ct" / "lung1_image.nrrd"
+    if src.exists():
+        image, what = sitk.ReadImage(str(src)), f"real chest CT {src.name} resampled"
+    else:
+        from CLAMLib.simulate import make_phantom
+        image, what = make_phantom(seed=0)[0], "phantom (simulate.make_phantom) resampled"
+    extent = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
+    spacing = [e / n for e, n in zip(extent, E2E_SIZE)]
+    origin = image.TransformContinuousIndexToPhysicalPoint([-0.5 + 0.5 * s / o for s, o in
+                                                            zip(spacing, image.GetSpacing())])
+    out = sitk.Resample(image, list(E2E_SIZE), sitk.Transform(), sitk.sitkLinear, origin, spacing,
+                        image.GetDirection(), -1000.0, sitk.sitkInt16)
+    sitk.WriteImage(out, str(path), useCompression=True)
+    return what
+
+
+def make_bundle(ct_path: Path, path: Path) -> str:
+    """A k = 3, grid 88 bundle: seeded random-initialised network, preprocessing fitted on the CT itself."""
+    import SimpleITK as sitk
+    from CLAMLib.estimator import CLAMModel
+    from CLAMLib.preprocess import PreprocessConfig, Preprocessor
+
+    image = sitk.ReadImage(str(ct_path))
+    model = CLAMModel(k=E2E_K, grid=E2E_GRID, verbose=False)
+    model.preprocessor_ = Preprocessor(PreprocessConfig(grid=E2E_GRID)).fit([image])
+    prepared = model.preprocessor_.transform(image)
+    torch.manual_seed(0)
+    net = ClusterNet(model.architecture, E2E_K).eval()
+    with torch.no_grad():
+        z = net.encoder(torch.from_numpy(prepared.array)[None, None])
+        net.head.center.copy_(z[0])
+        net.head.centroids.normal_(0, 1)
+    model.net_, model.cohort_mean_ = net, prepared.array
+    model.save(path)
+    return "seeded random-initialised 3D ClusterNet (grid 88, k 3); preprocessing fitted on the CT"
+
+
+def e2e_child(ct: Path, bundle: Path, out: Path, device: str) -> dict[str, Any]:
+    """One end-to-end run in this fresh process: read, preprocess, maps of every cluster, resample back, write."""
+    marks = [("start", time.perf_counter())]
+    from CLAMLib.estimator import load_bundle
+    from CLAMLib.imageio import read_image, write_image
+    marks.append(("import", time.perf_counter()))
+    model = load_bundle(bundle, device=device)
+    marks.append(("load bundle", time.perf_counter()))
+    image = read_image(ct)
+    marks.append(("read CT", time.perf_counter()))
+    stages = {0.3: "preprocess", 0.8: "CLAM maps (all clusters)", 1.0: "resample back"}
+
+    def progress(fraction: float, message: str) -> None:
+        if fraction in stages:
+            sync(torch.device(device))
+            marks.append((stages[fraction], time.perf_counter()))
+
+    res = model.explain_image(image, clusters="all", device=device, progress=progress)
+    for c, m in res.maps.items():
+        write_image(m, out / f"map_cluster{c}.nrrd")
+    marks.append(("write overlays", time.perf_counter()))
+    times = {name: t - marks[i][1] for i, (name, t) in enumerate(marks[1:])}
+    return {"stages": times, "total_s": sum(v for k, v in times.items() if k != "import"),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "n_overlays": len(res.maps), "size": list(image.GetSize())}
+
+
+def bench_3d(out: Path, repeats: int, device: str) -> dict[str, Any]:
+    """3D end to end, each repeat in a fresh subprocess (for a clean peak-memory reading)."""
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    ct, bundle = cache / "ct_512x512x300.nrrd", cache / "bundle_k3_g88"
+    what = json.loads((cache / "what.json").read_text()) if (cache / "what.json").exists() else {}
+    if not ct.exists():
+        what["ct"] = make_ct(ct)
+    if not (bundle / "model.json").exists() and not any(bundle.glob("*.json")):
+        what["bundle"] = make_bundle(ct, bundle)
+    (cache / "what.json").write_text(json.dumps(what))
+    runs = []
+    for _ in range(repeats):
+        cmd = [sys.executable, __file__, "--e2e-child", str(ct), str(bundle), str(out / "overlays"), device]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"end-to-end run failed:\n{proc.stderr[-3000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    stages = {name: statistics.median(r["stages"][name] for r in runs) for name in runs[0]["stages"]}
+    total = statistics.median(r["total_s"] for r in runs)
+    return {**what, "device": device, "repeats": repeats, "stages_median_s": stages, "total_median_s": total,
+            "share": {k: v / total for k, v in stages.items() if k != "import"},
+            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs), "runs": runs}
+
+
+# -- report --------------------------------------------------------------------------------------------------
+
+
+def table(res: dict[str, Any]) -> str:
+    """Markdown tables of the results."""
+    lines = []
+    if "bench_2d" in res:
+        b = res["bench_2d"]
+        peer_on = "peer" in b["per_k"][KS[0]]
+        lines += [f"2D, {b['n_images']} slices of {b['grid']} x {b['grid']}, C = {b['channels']} channels, "
+                  f"median of {b['repeats']} interleaved repeats ({res['machine']['device']}):", "",
+                  "| k | CLAM, all k (s) | peer x k (s) | floor (s) | peer / CLAM (goal >= k) | CLAM / floor (goal <= 1.3) |",
+                  "|---|---|---|---|---|---|"]
+        for k, row in b["per_k"].items():
+            p = f"{row['peer']['median']:.3f}" if peer_on else "-"
+            ratio = f"{row['peer_over_ours']:.2f}" if peer_on else "-"
+            lines.append(f"| {k} | {row['ours']['median']:.3f} | {p} | {row['floor']['median']:.3f} | {ratio} | "
+                         f"{row['ours_over_floor']:.2f} |")
+        if "agreement" in b:
+            a = b["agreement"]
+            s, p = a["same_masks_and_postprocessing"], a["product_map"]
+            lines += ["", f"Agreement with the peer's ScoreCAM (k = 3, 0..1 maps): with its masks and post-processing "
+                      f"max |diff| {s['max_abs']:.1e} (tolerance {MAP_TOL_SAME_MASKS:g}); product maps max |diff| "
+                      f"{p['max_abs']:.3f}, mean {p['mean_abs']:.4f}, r = {p['pearson_r']:.4f} "
+                      f"(tolerance {MAP_TOL_PRODUCT:g})."]
+    if "bench_3d" in res:
+        e = res["bench_3d"]
+        lines += ["", f"3D end to end, 512 x 512 x 300 CT, k = {E2E_K}, grid {E2E_GRID}, median of {e['repeats']} "
+                  f"({e['device']}); peak RSS {e['peak_rss_mb_max'] / 1024:.2f} GB:", "",
+                  "| stage | s | share |", "|---|---|---|"]
+        for name, v in e["stages_median_s"].items():
+            share = f"{100 * e['share'][name]:.0f}%" if name in e["share"] else "(not counted)"
+            lines.append(f"| {name} | {v:.2f} | {share} |")
+        lines.append(f"| total | {e['total_median_s']:.2f} | 100% |")
+    if "bf16" in res:
+        lines += ["", "| CUDA, 2 images | fp32 (s) | bf16 (s) | max map diff | within tolerance |", "|---|---|---|---|---|"]
+        for name, v in res["bf16"].items():
+            lines.append(f"| {name} | {v['fp32']['median']:.4f} | {v['bf16']['median']:.4f} | "
+                         f"{v['max_abs_map_diff']:.1e} | {v['within_tolerance']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the benchmarks, print the table, write the JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer images and repeats (a smoke run)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--images", type=int, default=None, help="2D slices per batch")
+    ap.add_argument("--batch-size", type=int, default=64, help="masked inputs per pass (ours, peer, floor)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--only", choices=("2d", "3d", "bf16"), action="append", help="run only these parts")
+    ap.add_argument("--no-peer", action="store_true", help="skip pytorch-grad-cam")
+    ap.add_argument("--random-images", action="store_true", help="smooth random images instead of phantom slices")
+    ap.add_argument("--e2e-child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.e2e_child:
+        ct, bundle, out, device = args.e2e_child
+        print(json.dumps(e2e_child(Path(ct), Path(bundle), Path(out), device)))
+        return 0
+    device = torch.device(args.device)
+    repeats = args.repeats or (3 if args.quick else 7)
+    parts = args.only or (["2d", "3d"] + (["bf16"] if device.type == "cuda" else []))
+    res: dict[str, Any] = {"machine": machine(device), "command": " ".join([Path(sys.executable).name] + sys.argv),
+                           "quick": args.quick}
+    if "2d" in parts:
+        res["bench_2d"] = bench_2d(device, args.images or (2 if args.quick else 4), repeats, args.batch_size,
+                                   not args.no_peer, not args.random_images)
+    if "3d" in parts:
+        res["bench_3d"] = bench_3d(args.out, 1 if args.quick else 3, args.device)
+    if "bf16" in parts:
+        res["bf16"] = bench_bf16(device, repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench_{device.type}{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(res, indent=1, default=str))
+    print(table(res))
+    print(f"\nJSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,9 +20,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,15 +32,16 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "CLAM"))
 
-from CLAMLib import explain as ex  # noqa: E402
-from CLAMLib.model import Architecture, ClusterNet  # noqa: E402
+from CLAMLib import explain as ex
+from CLAMLib.model import Architecture, ClusterNet
 
 GRID_2D = 256
 KS = (2, 3, 4)
 E2E_SIZE = (512, 512, 300)  # SimpleITK order (x, y, z)
 E2E_GRID = 88
 E2E_K = 3
-MAP_TOL_SAME_MASKS = 1e-4  # max |ours - peer| on 0..1 maps when both use the peer's masks and post-processing
+MAP_TOL_SAME_MASKS = {"cpu": 1e-4, "cuda": 1e-3}  # max |ours - peer|, 0..1 maps, the peer's masks and post-processing
+# (CUDA convolutions run in TF32 by default, and the peer's first pass batches the images while ours does not)
 MAP_TOL_PRODUCT = 0.05  # max |ours - peer| on 0..1 maps, product maps (see README for what differs)
 BF16_TOL = 2e-2  # max |bf16 - fp32| on 0..1 maps for bf16 autocast to count as keeping the maps
 
@@ -66,7 +68,8 @@ def machine(device: torch.device) -> dict[str, Any]:
     """Machine and versions for the JSON record."""
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     info: dict[str, Any] = {
@@ -95,8 +98,8 @@ def summary(times: list[float]) -> dict[str, Any]:
 
 def phantom_slices(n: int, seed: int = 0) -> torch.Tensor:
     """n axial 256 x 256 phantom slices (0..1, lung-like), from simulate.make_phantom."""
-    from CLAMLib.simulate import make_phantom
     import SimpleITK as sitk
+    from CLAMLib.simulate import make_phantom
 
     out = []
     for i in range(n):
@@ -157,8 +160,7 @@ class _NoProgress:
 
 def peer(net: ClusterNet, x: torch.Tensor, batch_size: int) -> np.ndarray:
     """pytorch-grad-cam ScoreCAM, run once per cluster: (N, k, H, W)."""
-    import pytorch_grad_cam.score_cam as score_cam
-    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam import ScoreCAM, score_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     score_cam.tqdm = _NoProgress  # its per-batch progress bars cost time and flood the output
@@ -171,10 +173,10 @@ def peer(net: ClusterNet, x: torch.Tensor, batch_size: int) -> np.ndarray:
 
 
 def floor_passes(net: ClusterNet, x: torch.Tensor, masked: list[torch.Tensor], batch_size: int) -> None:
-    """The unavoidable passes alone: one encoder pass per image, one pass per channel of prebuilt masked inputs."""
+    """The unavoidable passes alone: one encoder pass over the images, one per channel of prebuilt masked inputs."""
     with torch.inference_mode():
+        net.encoder.features(x)  # all images in one pass, as the peer's first pass and ours do
         for i in range(len(x)):
-            net.encoder.features(x[i : i + 1])
             for j in range(0, len(masked[i]), batch_size):
                 net.soft_assign(masked[i][j : j + batch_size])
 
@@ -217,7 +219,7 @@ def agreement(net: ClusterNet, x: torch.Tensor, batch_size: int) -> dict[str, An
         same = []
         for i in range(len(x)):
             a, scores = ex.masked_scores(net, x[i : i + 1], ctx)
-            cam = torch.relu(torch.einsum("c...,ck->k...", a, torch.softmax(scores, 0))).numpy()
+            cam = torch.relu(torch.einsum("c...,ck->k...", a, torch.softmax(scores, 0))).cpu().numpy()
             same.append(scale_cam_image(scale_cam_image(cam, (GRID_2D, GRID_2D))))  # the peer's min-max, resize, min-max
     same_masks = np.stack(same)
 
@@ -227,7 +229,8 @@ def agreement(net: ClusterNet, x: torch.Tensor, batch_size: int) -> dict[str, An
         return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "pearson_r": float(r)}
 
     out = {"same_masks_and_postprocessing": diff(same_masks), "product_map": diff(product)}
-    out["same_masks_ok"] = out["same_masks_and_postprocessing"]["max_abs"] <= MAP_TOL_SAME_MASKS
+    out["same_masks_tolerance"] = MAP_TOL_SAME_MASKS[x.device.type]
+    out["same_masks_ok"] = out["same_masks_and_postprocessing"]["max_abs"] <= out["same_masks_tolerance"]
     out["product_ok"] = out["product_map"]["max_abs"] <= MAP_TOL_PRODUCT
     return out
 
@@ -257,7 +260,7 @@ def bench_2d(device: torch.device, n_images: int, repeats: int, batch_size: int,
     for r in range(repeats):
         for k in KS:
             for name in names[r % len(names):] + names[: r % len(names)]:
-                runs[name][k].append(timed(lambda: contenders[name](k), device))
+                runs[name][k].append(timed(lambda n=name, kk=k: contenders[n](kk), device))
     result: dict[str, Any] = {"n_images": n_images, "grid": GRID_2D, "batch_size": batch_size,
                               "channels": nets[KS[0]].arch.filters[-1], "repeats": repeats,
                               "images": "phantom slices" if use_phantoms else "smooth random images",
@@ -298,8 +301,8 @@ def bench_bf16(device: torch.device, repeats: int) -> dict[str, Any]:
         n16 = np.stack([[ex.normalise_map(c) for c in m] for m in m16])
         t32, t16 = [], []
         for _ in range(repeats):
-            t32.append(timed(lambda: ex.explain(net, x, "clam", fp32), device))
-            t16.append(timed(lambda: ex.explain(net, x, "clam", bf16), device))
+            t32.append(timed(lambda n=net, xx=x, c=fp32: ex.explain(n, xx, "clam", c), device))
+            t16.append(timed(lambda n=net, xx=x, c=bf16: ex.explain(n, xx, "clam", c), device))
         err = float(np.abs(n32 - n16).max())
         out[f"{ndim}d_{grid}"] = {"fp32": summary(t32), "bf16": summary(t16), "max_abs_map_diff": err,
                                   "within_tolerance": err <= BF16_TOL, "tolerance": BF16_TOL}
@@ -411,8 +414,8 @@ def table(res: dict[str, Any]) -> str:
     if "bench_2d" in res:
         b = res["bench_2d"]
         peer_on = "peer" in b["per_k"][KS[0]]
-        lines += [f"2D, {b['n_images']} slices of {b['grid']} x {b['grid']}, C = {b['channels']} channels, "
-                  f"median of {b['repeats']} interleaved repeats ({res['machine']['device']}):", "",
+        lines += [(f"2D, {b['n_images']} slices of {b['grid']} x {b['grid']}, C = {b['channels']} channels, "
+                  f"median of {b['repeats']} interleaved repeats ({res['machine']['device']}):"), "",
                   "| k | CLAM, all k (s) | peer x k (s) | floor (s) | peer / CLAM (goal >= k) | CLAM / floor (goal <= 1.3) |",
                   "|---|---|---|---|---|---|"]
         for k, row in b["per_k"].items():
@@ -423,14 +426,14 @@ def table(res: dict[str, Any]) -> str:
         if "agreement" in b:
             a = b["agreement"]
             s, p = a["same_masks_and_postprocessing"], a["product_map"]
-            lines += ["", f"Agreement with the peer's ScoreCAM (k = 3, 0..1 maps): with its masks and post-processing "
-                      f"max |diff| {s['max_abs']:.1e} (tolerance {MAP_TOL_SAME_MASKS:g}); product maps max |diff| "
+            lines += ["", (f"Agreement with the peer's ScoreCAM (k = 3, 0..1 maps): with its masks and post-processing "
+                      f"max |diff| {s['max_abs']:.1e} (tolerance {a['same_masks_tolerance']:g}); product maps max |diff| "
                       f"{p['max_abs']:.3f}, mean {p['mean_abs']:.4f}, r = {p['pearson_r']:.4f} "
-                      f"(tolerance {MAP_TOL_PRODUCT:g})."]
+                      f"(tolerance {MAP_TOL_PRODUCT:g}).")]
     if "bench_3d" in res:
         e = res["bench_3d"]
-        lines += ["", f"3D end to end, 512 x 512 x 300 CT, k = {E2E_K}, grid {E2E_GRID}, median of {e['repeats']} "
-                  f"({e['device']}); peak RSS {e['peak_rss_mb_max'] / 1024:.2f} GB:", "",
+        lines += ["", (f"3D end to end, 512 x 512 x 300 CT, k = {E2E_K}, grid {E2E_GRID}, median of {e['repeats']} "
+                  f"({e['device']}); peak RSS {e['peak_rss_mb_max'] / 1024:.2f} GB:"), "",
                   "| stage | s | share |", "|---|---|---|"]
         for name, v in e["stages_median_s"].items():
             share = f"{100 * e['share'][name]:.0f}%" if name in e["share"] else "(not counted)"
@@ -444,7 +447,7 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks, print the table, write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer images and repeats (a smoke run)")

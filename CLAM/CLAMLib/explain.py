@@ -150,7 +150,7 @@ def resolve_method(method: str) -> str:
 
 
 _NO_GRAD_METHODS = frozenset({"clam", "scorecam", "occlusion", "random"})  # safe under torch.inference_mode
-_FLUSH_EVERY = 16  # images whose results stay on the device before one copy to the host
+_FLUSH_EVERY = 16  # images per activations pass; their results stay on the device until one copy to the host
 
 
 @torch.no_grad()
@@ -166,20 +166,20 @@ def explain(net: ClusterNet, x: torch.Tensor, method: str = "default", ctx: Opti
         ctx.baseline = ctx.baseline.to(device)
     if ctx.lung is not None:
         ctx.lung = ctx.lung.to(device)
-    qs, maps, pending_q, pending_m = [], [], [], []
+    qs, maps = [], []
     try:
         with torch.inference_mode(name in _NO_GRAD_METHODS):
-            for i in range(len(x)):
-                xi = x[i : i + 1].to(device, non_blocking=True)
-                ctx.features = net.encoder.features(xi)  # one pass gives q and, for CLAM, the activations
-                pending_q.append(net.soft_assign_features(ctx.features)[0])
-                pending_m.append(fn(net, xi, ctx).float())
-                if progress is not None:
-                    progress(1)
-                if len(pending_m) == _FLUSH_EVERY or i == len(x) - 1:  # one host copy per chunk, not per image
-                    qs.append(torch.stack(pending_q).cpu())
-                    maps.append(torch.stack(pending_m).cpu())
-                    pending_q, pending_m = [], []
+            for start in range(0, len(x), _FLUSH_EVERY):
+                xc = x[start : start + _FLUSH_EVERY].to(device, non_blocking=True)
+                feats = net.encoder.features(xc)  # one batched pass gives q and, for CLAM, the activations
+                chunk = []
+                for j in range(len(xc)):
+                    ctx.features = feats[j : j + 1]
+                    chunk.append(fn(net, xc[j : j + 1], ctx).float())
+                    if progress is not None:
+                        progress(1)
+                qs.append(net.soft_assign_features(feats).cpu())  # one host copy per chunk, not per image
+                maps.append(torch.stack(chunk).cpu())
     finally:
         ctx.features = None
     if not qs:

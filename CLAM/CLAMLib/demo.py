@@ -56,8 +56,8 @@ def _cohort(scenario: str, args: argparse.Namespace, variation: float, seed: int
 
 def _prep(cohort: Cohort, grid: int, register: str) -> Prepped:
     images = [s.image for s in cohort.subjects]
-    pre = Preprocessor(PreprocessConfig(grid=grid, ndim=3, register=register)).fit(images)
-    prepared = [pre.transform(im) for im in images]
+    pre = Preprocessor(PreprocessConfig(grid=grid, ndim=3, register=register))
+    prepared = pre.fit_transform(images)
     lesions = np.stack([pre.grid_mask(s.lesion, p) for s, p in zip(cohort.subjects, prepared)])
     return Prepped(cohort, pre, prepared, np.stack([p.array for p in prepared]), lesions,
                    np.stack([p.lung for p in prepared]))

@@ -63,8 +63,8 @@ class CLAMModel:
                 raise InputError("prepared inputs need a fitted preprocessor; pass SimpleITK images instead.")
             prepared = list(images)
         else:
-            self.preprocessor_ = Preprocessor(self.preprocess).fit(images)
-            prepared = [self.preprocessor_.transform(im) for im in images]
+            self.preprocessor_ = Preprocessor(self.preprocess)
+            prepared = self.preprocessor_.fit_transform(images)
         arrays = np.stack([p.array for p in prepared])
         self.cohort_mean_ = arrays.mean(0).astype(np.float32)
         trainer = Trainer(self.architecture, self.train, progress=progress, verbose=self.verbose,

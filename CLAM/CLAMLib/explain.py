@@ -131,14 +131,92 @@ def random_map(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext) -> torch.T
     return _upsample(coarse, tuple(x.shape[2:]))[0]
 
 
+def _log_odds(q: torch.Tensor) -> torch.Tensor:
+    """log q_c - log(1 - q_c): evidence for each cluster against all the others."""
+    q = q.clamp(1e-7, 1 - 1e-7)
+    return torch.log(q) - torch.log1p(-q)
+
+
+def smooth(m: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Separable Gaussian smoothing (sigma in grid voxels) of maps (B, *grid)."""
+    radius = max(1, int(round(2 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=m.dtype, device=m.device)
+    g = torch.exp(-(t**2) / (2 * sigma**2))
+    g = g / g.sum()
+    ndim = m.ndim - 1
+    conv = F.conv3d if ndim == 3 else F.conv2d
+    out = m.unsqueeze(1)
+    for axis in range(ndim):
+        shape = [1, 1] + [1] * ndim
+        shape[2 + axis] = -1
+        pad = [0] * ndim
+        pad[axis] = radius
+        out = conv(out, g.view(shape), padding=tuple(pad))
+    return out[:, 0]
+
+
+def _baseline(x: torch.Tensor, ctx: ExplainContext) -> torch.Tensor:
+    return ctx.baseline if ctx.baseline is not None else torch.zeros_like(x)
+
+
+def ig_attribution(net: ClusterNet, x: torch.Tensor, base: torch.Tensor, steps: int = 16) -> torch.Tensor:
+    """Signed integrated-gradients attribution (k, *grid) of each cluster's log-odds along base -> x (midpoint rule)."""
+    alphas = ((torch.arange(steps, device=x.device, dtype=x.dtype) + 0.5) / steps).view(-1, *[1] * (x.ndim - 1))
+    with torch.enable_grad():
+        path = (base + alphas * (x - base)).detach().requires_grad_(True)
+        odds = _log_odds(net.soft_assign(path))
+        grads = [torch.autograd.grad(odds[:, c].sum(), path, retain_graph=c < net.k - 1)[0].mean(0)
+                 for c in range(net.k)]
+    return (torch.stack(grads)[:, 0] * (x - base)[0, 0]).detach()
+
+
+def integrated_gradients(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext, steps: int = 16,
+                         sigma: float = 1.0) -> torch.Tensor:
+    """Integrated gradients (Sundararajan et al. 2017) of each cluster's log-odds from the cohort mean image.
+
+    The evidence for each cluster: the positive part of the signed attribution, smoothed over about one grid
+    voxel; 16 batched forward passes and one backward pass per cluster. CLAM's default map: unlike the faithful
+    CLAM map it finds the lesions, and unlike |attribution| it changes when the weights are randomised.
+    """
+    return smooth(ig_attribution(net, x, _baseline(x, ctx), steps), sigma).clamp_min(0)
+
+
+def gradient_x_input(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext, sigma: float = 1.0) -> torch.Tensor:
+    """Gradient x input (Shrikumar et al. 2016) of each cluster's log-odds, absolute and smoothed; one pass."""
+    with torch.enable_grad():
+        xk = x.detach().repeat(net.k, *[1] * (x.ndim - 1)).requires_grad_(True)
+        odds = _log_odds(net.soft_assign(xk))
+        (grad,) = torch.autograd.grad(odds.diagonal().sum(), xk)
+    return smooth((grad * x)[:, 0].abs().detach(), sigma)
+
+
+def rise(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext, masks: int = 192, p: float = 0.5) -> torch.Tensor:
+    """RISE (Petsiuk et al. 2018): random coarse masks over the cohort mean image, weighted by centred log-odds."""
+    grid, cells = tuple(x.shape[2:]), net.arch.feature_grid + 2
+    gen = torch.Generator().manual_seed(ctx.seed)
+    coarse = (torch.rand((masks, 1) + (cells,) * len(grid), generator=gen) < p).float().to(x.device)
+    step = grid[0] // (cells - 1)
+    big = _upsample(coarse, tuple(g + step for g in grid))
+    shifts = torch.randint(0, step, (masks, len(grid)), generator=gen).tolist()
+    m = torch.stack([big[i][(slice(None),) + tuple(slice(s, s + g) for s, g in zip(sh, grid))]
+                     for i, sh in enumerate(shifts)])
+    base = _baseline(x, ctx)
+    odds = _batched(lambda mb: _log_odds(net.soft_assign(base + mb * (x - base))), m, ctx.batch_size)
+    weights = odds - odds.mean(0)
+    return torch.relu(torch.einsum("nk,n...->k...", weights, m[:, 0]) / (masks * p))
+
+
 METHODS: dict[str, Callable[[ClusterNet, torch.Tensor, ExplainContext], torch.Tensor]] = {
+    "ig": integrated_gradients,
     "clam": clam,
     "scorecam": scorecam,
     "gradient": gradient,
+    "gradxinput": gradient_x_input,
     "occlusion": occlusion,
+    "rise": rise,
     "random": random_map,
 }
-DEFAULT_METHOD = "clam"
+DEFAULT_METHOD = "ig"
 
 
 def resolve_method(method: str) -> str:
@@ -149,7 +227,7 @@ def resolve_method(method: str) -> str:
     return method
 
 
-_NO_GRAD_METHODS = frozenset({"clam", "scorecam", "occlusion", "random"})  # safe under torch.inference_mode
+_NO_GRAD_METHODS = frozenset({"clam", "scorecam", "occlusion", "rise", "random"})  # safe under torch.inference_mode
 _FLUSH_EVERY = 16  # images per activations pass; their results stay on the device until one copy to the host
 
 

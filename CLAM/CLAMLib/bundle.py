@@ -35,8 +35,8 @@ def sha256_file(path: PathLike) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import sklearn
     import SimpleITK
+    import sklearn
 
     return {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
             "SimpleITK": SimpleITK.Version_VersionString()}
@@ -57,7 +57,7 @@ def save(path: PathLike, net: ClusterNet, meta: dict[str, Any], arrays: dict[str
         "architecture": net.arch.to_dict(),
         "k": net.k,
         "centroids": net.head.centroids.detach().cpu().tolist(),
-        "latent": {"center": net.head.center.cpu().tolist(), "scale": float(net.head.scale)},
+        "latent": {"center": net.head.center.cpu().tolist(), "scale": net.head.scale.cpu().tolist()},
         "versions": _versions(),
         **meta,
         "weights": {"file": WEIGHTS, "sha256": sha256_file(folder / WEIGHTS),

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--large-mm", type=float, default=None, help="size scenario: large lesion diameter in mm")
     demo.add_argument("--lesion-mm", type=float, default=None,
                       help="location and intensity scenarios: lesion diameter in mm")
+    demo.add_argument("--save-model", type=Path, default=None, metavar="DIR",
+                      help="also save the first scenario's model at the true k as a bundle folder "
+                           "(models/clam-demo is made this way)")
     demo.add_argument("--no-sweep", action="store_true",
                       help="skip the accuracy-versus-anatomy-variation sweep (with and without registration)")
     _add_common(demo)

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .estimator import CLAMModel
 from .explain import DEFAULT_METHOD, METHODS, ExplainContext, explain, normalise_map
 from .imageio import atomic_path, write_image
 from .metrics import clustering_scores, localisation_scores
 from .model import Architecture, ClusterNet
-from .preprocess import PreprocessConfig, Prepared, Preprocessor
+from .preprocess import Prepared, PreprocessConfig, Preprocessor
 from .simulate import Cohort, ScenarioParams, make_cohort
 from .train import TrainConfig, Trainer
 
@@ -107,11 +108,26 @@ def _scenario(scenario: str, args: argparse.Namespace, ks: list[int], out: Path,
                 examples[method] = maps
         bar.update()
         if k == TRUE_K:
-            true_net, true_labels = net, labels
+            true_net, true_labels, true_summary = net, labels, summary
+    if args.save_model is not None and scenario == args.scenarios[0]:
+        _save_model(args, scenario, data, true_net, true_summary)
     _write_subjects(data, true_net, true_labels, out / "maps" / scenario)
     _figures(scenario, data, true_labels, examples, out / "figures")
     return {"clustering": rows, "localisation": loc_rows, "pretrain_loss": pre_loss,
             "cohort": data.cohort.params}
+
+
+def _save_model(args: argparse.Namespace, scenario: str, data: Prepped, net: ClusterNet, summary) -> None:
+    """Save the scenario's model at the true k as a bundle (the demo bundle of the Slicer module)."""
+    card = {
+        "trained_on": f"{len(data.arrays)} simulated chest CT phantoms, scenario '{scenario}' (clam demo, seed "
+                      f"{args.seed}, anatomy variation {args.anatomy_variation:g})",
+        "intended_use": "trying CLAM out: the Slicer module, `clam map` and the console on any chest CT",
+        "not_for": "clinical use or research conclusions: it has never seen a real scan",
+        "cohort": data.cohort.params,
+    }
+    model = CLAMModel.from_parts(net, data.pre, data.arrays.mean(0), summary, _config(args, TRUE_K), card)
+    model.save(args.save_model)
 
 
 def _write_subjects(data: Prepped, net: ClusterNet, labels: np.ndarray, folder: Path) -> None:

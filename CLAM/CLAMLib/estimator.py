@@ -14,8 +14,8 @@ from . import bundle as _bundle
 from .errors import InputError
 from .explain import ExplainContext, explain, normalise_map, resolve_method
 from .model import Architecture, ClusterNet
-from .preprocess import PreprocessConfig, Prepared, Preprocessor
-from .train import Progress, TrainConfig, TrainSummary, Trainer, as_batch, resolve_device
+from .preprocess import Prepared, PreprocessConfig, Preprocessor
+from .train import Progress, TrainConfig, Trainer, TrainSummary, as_batch, resolve_device
 
 ImageLike = Union[sitk.Image, Prepared]
 
@@ -72,6 +72,17 @@ class CLAMModel:
         self.net_, self.summary_ = trainer.fit(arrays, net=pretrained)
         self.card_ = {"trained_on": trained_on or f"{len(images)} images", "n_subjects": len(images)}
         return self
+
+    @classmethod
+    def from_parts(cls, net: ClusterNet, preprocessor: Preprocessor, cohort_mean: np.ndarray,
+                   summary: Optional[TrainSummary] = None, train: Optional[TrainConfig] = None,
+                   card: Optional[dict[str, Any]] = None) -> CLAMModel:
+        """A fitted model from a trained network and a fitted preprocessor (as `clam demo` makes them)."""
+        model = cls(architecture=net.arch, preprocess=preprocessor.config, train=train, verbose=False)
+        model.net_, model.preprocessor_, model.summary_ = net, preprocessor, summary
+        model.cohort_mean_ = np.asarray(cohort_mean, dtype=np.float32)
+        model.card_ = dict(card or {})
+        return model
 
     def _check_fitted(self) -> None:
         if self.net_ is None or self.preprocessor_ is None:

@@ -124,7 +124,7 @@ class ClusterHead(nn.Module):
         super().__init__()
         self.centroids = nn.Parameter(torch.zeros(k, embedding))
         self.register_buffer("center", torch.zeros(embedding))
-        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("scale", torch.ones(embedding))
 
     def normalise(self, z: torch.Tensor) -> torch.Tensor:
         """Embedding centred and scaled by the cohort's statistics."""

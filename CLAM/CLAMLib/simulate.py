@@ -6,19 +6,20 @@ exact design is not public (this one is our own): every subject is a chest CT in
 lesions' properties. Anatomy, noise, vessels and lesion positions are drawn the same way for every
 cluster, so a clustering can only succeed by looking at the lesions.
 
-Scenarios (defaults from :meth:`ScenarioParams.default`; ranges are uniform draws per lesion):
+Scenarios (defaults from :meth:`ScenarioParams.default`; ranges are uniform draws per lesion). Every lesion
+sits at a fixed site of the right lung (fractions of its bounding box), its centre jittered within 5 mm, so
+that the clusters differ by the lesions alone, not by where in the lungs they happen to fall:
 
 ``"size"``
-    Cluster 0: small nodule, diameter 10-12 mm. Cluster 1: large nodule / mass, 28-30 mm.
-    Both solid (20-40 HU), anywhere in either lung.
+    Mid-lung site. Cluster 0: small nodule, diameter 10-12 mm. Cluster 1: large nodule / mass, 28-30 mm.
+    Both solid (20-40 HU).
 ``"location"``
-    Both 24-26 mm, solid (20-40 HU), either lung. Cluster 0: upper zone (centre in the upper third
-    of that lung's cranio-caudal extent, as in upper-zone-predominant diseases such as sarcoidosis,
-    silicosis or post-primary tuberculosis). Cluster 1: lower zone (lower third, as in basal
-    diseases such as usual interstitial pneumonia or aspiration).
+    Both 24-26 mm, solid (20-40 HU). Cluster 0: upper zone (78 % of the lung's cranio-caudal extent, as in
+    upper-zone-predominant diseases such as sarcoidosis, silicosis or post-primary tuberculosis). Cluster 1:
+    lower zone (22 %, as in basal diseases such as usual interstitial pneumonia or aspiration).
 ``"intensity"``
-    Both 24-26 mm, anywhere in either lung. Cluster 0: ground-glass opacity, -460 to -440 HU.
-    Cluster 1: solid, 20-40 HU.
+    Both 34-36 mm opacities at the mid-lung site. Cluster 0: ground-glass opacity, -460 to -440 HU.
+    Cluster 1: consolidation, 20-40 HU.
 
 Parameters of :func:`make_cohort`:
 
@@ -113,8 +114,8 @@ class LesionSpec:
     hu: tuple[float, float] = (20.0, 40.0)
     zone: str = "any"
     side: str = "any"
-    site: Optional[tuple[float, float, float]] = None
-    jitter_mm: float = 10.0
+    site: tuple[float, float, float] | None = None
+    jitter_mm: float = 5.0
 
     def check(self) -> None:
         """Raise InputError when a value is out of range."""
@@ -161,8 +162,8 @@ class ScenarioParams:
                 LesionSpec((24.0, 26.0), solid, zone="lower", side="right", site=lower),
             )
         elif scenario == "intensity":
-            clusters = (LesionSpec((24.0, 26.0), (-460.0, -440.0), side="right", site=middle),
-                        LesionSpec((24.0, 26.0), solid, side="right", site=middle))
+            clusters = (LesionSpec((34.0, 36.0), (-460.0, -440.0), side="right", site=middle),
+                        LesionSpec((34.0, 36.0), solid, side="right", site=middle))
         else:
             raise InputError(f"unknown scenario {scenario!r}: use one of {SCENARIOS}")
         return cls(clusters=clusters)
@@ -196,7 +197,7 @@ class ScenarioParams:
                 zone=c.get("zone", "any"),
                 side=c.get("side", "any"),
                 site=tuple(float(v) for v in c["site"]) if c.get("site") is not None else None,
-                jitter_mm=float(c.get("jitter_mm", 10.0)),
+                jitter_mm=float(c.get("jitter_mm", 5.0)),
             )
             for c in d.pop("clusters")
         )

@@ -129,9 +129,14 @@ def _silhouette(z: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _normalise_latent(net: ClusterNet, z: torch.Tensor) -> torch.Tensor:
-    """Set the head's centre and scale from the cohort's embeddings; return the normalised embeddings."""
+    """Set the head's centre and scale from the cohort's embeddings; return the normalised embeddings.
+
+    Each dimension is standardised, then all are divided by sqrt(dimensions) so that the cohort's mean squared
+    norm is 1: no single dimension dominates k-means, and Student-t distances stay of order 1 (without that,
+    soft assignments sit near 1/k and DCEC fine-tuning collapses into one cluster).
+    """
     center = z.mean(0)
-    scale = (z - center).pow(2).sum(1).mean().sqrt().clamp_min(1e-8)
+    scale = ((z - center).pow(2).mean(0).sqrt() * z.shape[1] ** 0.5).clamp_min(1e-8)
     net.head.center.copy_(center.to(net.head.center.device))
     net.head.scale.copy_(scale.to(net.head.scale.device))
     return (z - center) / scale

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from CLAMLib import BundleError, CLAMModel, load_bundle
 from CLAMLib.bundle import CARD, WEIGHTS
 from CLAMLib.model import Architecture

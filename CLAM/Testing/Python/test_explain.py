@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from CLAMLib.explain import ExplainContext, explain, resolve_method
 from CLAMLib.errors import InputError
+from CLAMLib.explain import ExplainContext, explain, resolve_method
 from CLAMLib.model import Architecture, ClusterNet
 
 

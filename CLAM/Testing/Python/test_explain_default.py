@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from scipy.stats import spearmanr
-
-from CLAMLib.explain import DEFAULT_METHOD, explain, ig_attribution, resolve_method, smooth, ExplainContext
+from CLAMLib.explain import DEFAULT_METHOD, ExplainContext, explain, ig_attribution, resolve_method, smooth
 from CLAMLib.model import Architecture, ClusterNet
-from CLAMLib.train import Trainer, TrainConfig
+from CLAMLib.train import TrainConfig, Trainer
+from scipy.stats import spearmanr
 
 ARCH = Architecture(ndim=2, grid=16, filters=(4, 8, 8), embedding=6)
 

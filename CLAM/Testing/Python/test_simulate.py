@@ -126,7 +126,7 @@ def test_intensity_scenario_differs_only_in_hu(cohorts: dict[str, Cohort]) -> No
     assert p.clusters[0].diameter_mm == p.clusters[1].diameter_mm and p.clusters[0].zone == p.clusters[1].zone
     for s in cohorts["intensity"].subjects:
         rec = s.lesions[0]
-        assert 24.0 <= rec["diameter_mm"] <= 26.0 and 20.0 < equivalent_diameter(s) < 30.0
+        assert 34.0 <= rec["diameter_mm"] <= 36.0 and 30.0 < equivalent_diameter(s) < 40.0
         measured = float(np.median(arr(s.image)[arr(s.lesion) > 0]))
         expected = -450.0 if s.label == 0 else 30.0
         assert abs(rec["hu"] - expected) <= 10.0

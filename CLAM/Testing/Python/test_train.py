@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 import torch
-
 from CLAMLib.errors import InputError
 from CLAMLib.metrics import cluster_accuracy
 from CLAMLib.model import Architecture
-from CLAMLib.train import Trainer, TrainConfig, target_distribution
+from CLAMLib.train import TrainConfig, Trainer, target_distribution
 
 ARCH = Architecture(ndim=2, grid=16, filters=(4, 8, 8), embedding=6)
 
@@ -78,6 +77,7 @@ def test_latent_is_centred_and_scaled_over_the_cohort() -> None:
     with torch.no_grad():
         zn = net.head.normalise(net.encoder(torch.as_tensor(x)[:, None]))
     assert torch.allclose(zn.mean(0), torch.zeros(6), atol=1e-4)
+    assert torch.allclose(zn.std(0, unbiased=False), torch.full((6,), 6**-0.5), atol=1e-3)
     assert zn.pow(2).sum(1).mean().sqrt().item() == pytest.approx(1.0, abs=1e-3)
 
 

@@ -49,6 +49,15 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
             ) from err
 
 
+def _file_mode(target: Path) -> int:
+    """Permissions for a file written in place of target: target's own, or the usual ones for a new file."""
+    if target.exists():
+        return target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path that replaces `path` when the block succeeds and vanishes when it fails."""
@@ -61,6 +70,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         for companion in folder.iterdir():  # e.g. the .raw file beside a .mhd header
             if companion != tmp:
                 os.replace(companion, target.parent / companion.name)
+        os.chmod(tmp, _file_mode(target))
         os.replace(tmp, target)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -173,16 +173,34 @@ def overlay_mask(rgba: np.ndarray, min_chroma: int = 40) -> np.ndarray:
     return (rgb.max(-1) - rgb.min(-1)) >= min_chroma
 
 
+def add_simulated_ct(seed: int = 0) -> tuple[Any, np.ndarray]:
+    """A simulated chest CT with a large nodule (clam demo's size scenario) as a volume node, and the lesion's RAS."""
+    from CLAMLib.simulate import make_cohort
+
+    cohort = make_cohort("size", n_per_cluster=2, seed=seed)
+    subject = next(s for s in cohort.subjects if s.label == 1)
+    node = CLAMMRML.image_to_volume(subject.image, "chest CT (simulated)")
+    display = node.GetDisplayNode() or (node.CreateDefaultDisplayNodes() or node.GetDisplayNode())
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevel(1500, -500)
+    x, y, z = subject.lesions[0]["centre_mm"]
+    return node, np.array([-x, -y, z])
+
+
 def build_demo(viewer: Viewer, bundle: str | None = None, colormap: str = "inferno"):
-    """CT + CLAM outputs in the viewer's scene; returns (ctNode, CLAMResult, lesion RAS)."""
-    ct = add_ct(viewer.scene)
-    lesion_ras = ijk_to_ras_point(ct, LESION_IJK)
-    image = CLAMMRML.volume_to_image(ct)
+    """CT + CLAM outputs in the viewer's scene; returns (ctNode, CLAMResult, lesion RAS).
+
+    With a bundle, the CT is a simulated subject like those the demo model was trained on.
+    """
     if bundle:
         from CLAMLib import load_bundle
 
-        explanation = load_bundle(bundle).explain_image(image, clusters="all")
+        ct, lesion_ras = add_simulated_ct()
+        explanation = load_bundle(bundle).explain_image(CLAMMRML.volume_to_image(ct), clusters="all")
     else:
+        ct = add_ct(viewer.scene)
+        lesion_ras = ijk_to_ras_point(ct, LESION_IJK)
+        image = CLAMMRML.volume_to_image(ct)
         explanation = engine_like_result(image, lesion_ras)
     result = CLAMMRML.apply_result(ct, explanation, opacity=0.6, threshold=0.2, colormap=colormap)
     return ct, result, lesion_ras

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--large-mm", type=float, default=None, help="size scenario: large lesion diameter in mm")
     demo.add_argument("--lesion-mm", type=float, default=None,
                       help="location and intensity scenarios: lesion diameter in mm")
+    demo.add_argument("--base", type=Path, default=None, metavar="CT",
+                      help="use a real chest CT (HU) as base anatomy: each subject is a randomly deformed copy "
+                           "with intensity jitter and inserted lesions (the semi-synthetic benchmark)")
     demo.add_argument("--save-model", type=Path, default=None, metavar="DIR",
                       help="also save the first scenario's model at the true k as a bundle folder "
                            "(models/clam-demo is made this way)")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .estimator import CLAMModel
 from .explain import DEFAULT_METHOD, METHODS, ExplainContext, explain, normalise_map
-from .imageio import atomic_path, write_image
+from .imageio import atomic_path, read_image, write_image
 from .metrics import clustering_scores, localisation_scores
 from .model import Architecture, ClusterNet
 from .preprocess import Prepared, PreprocessConfig, Preprocessor
@@ -51,8 +51,9 @@ def _scenario_params(scenario: str, args: argparse.Namespace) -> ScenarioParams:
 
 
 def _cohort(scenario: str, args: argparse.Namespace, variation: float, seed: int) -> Cohort:
+    base = read_image(args.base) if getattr(args, "base", None) else None
     return make_cohort(scenario, n_per_cluster=args.subjects, seed=seed, anatomy_variation=variation,
-                       params=_scenario_params(scenario, args))
+                       params=_scenario_params(scenario, args), base=base)
 
 
 def _prep(cohort: Cohort, grid: int, register: str) -> Prepped:
@@ -223,6 +224,8 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         f"Grid {s['grid']}^3, {s['subjects_per_cluster']} subjects per cluster, true k = {TRUE_K}, seed {s['seed']}, "
         f"anatomy variation {s['anatomy_variation']:g}; {s['seconds']:.0f} s on {s['machine']}.",
+        "Subjects: " + (f"deformed copies of the real CT {s['base']} with inserted lesions." if s["base"]
+                        else "simulated chest phantoms."),
         "",
         "## Clustering",
         "",
@@ -272,7 +275,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             results["sweep"] = _sweep(args, bar)
     results["settings"] = {
         "grid": args.grid, "subjects_per_cluster": args.subjects, "seed": args.seed,
-        "anatomy_variation": args.anatomy_variation, "scenarios": scenarios, "k_values": ks, "true_k": TRUE_K,
+        "anatomy_variation": args.anatomy_variation, "base": str(args.base) if args.base else None,
+        "scenarios": scenarios, "k_values": ks, "true_k": TRUE_K,
         "default_method": DEFAULT_METHOD, "tolerance": args.grid // Architecture(grid=args.grid).feature_grid,
         "seconds": time.perf_counter() - start, "machine": f"{platform.machine()} {platform.system()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}", "python": sys.version.split()[0],

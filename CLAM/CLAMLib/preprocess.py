@@ -6,7 +6,9 @@ Defaults (PreprocessConfig):
   consolidation (about -300 to 100) keep their contrast; bone and contrast agent, irrelevant in the lungs, clip.
 - margin_mm 10: keeps the pleura and chest wall next to the lungs in the crop.
 - register "none": cropping to the lungs already removes most size and position differences; "affine" and
-  "bspline" register each grid image to a template built from the training cohort.
+  "bspline" register each scan's lungs on the grid to a lung template built from the training cohort (the mean
+  lung mask after affine alignment); registration matches lung masks, since the normalised image carries no lung
+  outline (voxels outside the lungs hold the lung mean).
 - centre True: intensities are (HU - hu_min) / scale (scale: the cohort's maximum, as in the paper) with voxels
   outside the lungs set to the lung mean (done at native resolution, before resampling, so the lung border leaves
   no bright rim); centring then subtracts that mean, so a scan's overall attenuation offset (scanner calibration,
@@ -287,10 +289,11 @@ class Preprocessor:
             )
         template = template_lung = None
         if kept:
-            fixed = _Template(_mean([g.array for g in kept]), _mean([g.lung for g in kept]) > 0.5)
-            moved = [(g, _register(fixed, g.array, "affine")) for g in kept]
-            template = _mean([_warp(g.array, t, config.hu_min) for g, t in moved])
-            template_lung = _mean([_warp(g.lung.astype(np.float32), t, 0.0) for g, t in moved]) > 0.5
+            first = _mean([g.lung.astype(np.float32) for g in kept])
+            fixed = _Template(first, first > 0.5)
+            moved = [(g, _register(fixed, g.lung.astype(np.float32), "affine")) for g in kept]
+            template = _mean([_warp(g.lung.astype(np.float32), t, 0.0) for g, t in moved])
+            template_lung = template > 0.5
         self.scale_ = scale
         self.template_ = None if template is None else _Template(template, template_lung)
 
@@ -299,7 +302,7 @@ class Preprocessor:
         config = self.config
         array, lung, transform = grid.array, grid.lung, None
         if self.template_ is not None:
-            transform = _register(self.template_, array, config.register)
+            transform = _register(self.template_, lung.astype(np.float32), config.register)
             array = _warp(array, transform, config.hu_min)
             lung = _warp(lung.astype(np.float32), transform, 0.0) > 0.5
         if not lung.any():
@@ -314,7 +317,7 @@ class Preprocessor:
 
 @dataclass
 class _Template:
-    """The cohort's mean grid image (clipped HU) and lung mask that subjects are registered to."""
+    """The cohort's lung template: mean aligned lung mask (probability) and its > 0.5 mask."""
 
     image: np.ndarray
     lung: np.ndarray

@@ -66,7 +66,7 @@ class TrainSummary:
     finetune_loss: list[float] = field(default_factory=list)
     k_table: list[dict] = field(default_factory=list)
     silhouette_kmeans: float = float("nan")
-    silhouette_final: float = float("nan")
+    silhouette_final: float = float("nan")  # of the final labels, in the k-means start's embedding
     finetune_kept: bool = True
     kmeans_labels: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
@@ -472,8 +472,13 @@ class Trainer:
                                 "kmeans_labels": km.labels_.tolist(), "silhouette_kmeans": sil_start}
             self._stage_tensors = {f"start.{k_}": v for k_, v in start_state.items()}
         finetune_loss, labels = self.finetune(final, x, gen) if k > 1 else ([], km_labels.copy())
-        zn_end = final.head.normalise(embed(final, x, self.device).to(self.device)).detach().cpu().numpy()
-        sil_end = _silhouette(zn_end, labels)
+        # judge both partitions in the k-means start's embedding: fine-tuning sharpens whatever clusters it drifts
+        # to, so its own embedding would always flatter it; in the start's, drifting away from the data's
+        # structure shows as a lower silhouette and the k-means start is kept
+        start_net = ClusterNet(self.arch, k).to(self.device)
+        start_net.load_state_dict(start_state)
+        zn_start = start_net.head.normalise(embed(start_net, x, self.device).to(self.device)).detach().cpu().numpy()
+        sil_end = _silhouette(zn_start, labels)
         kept = bool(len(np.unique(labels)) == len(np.unique(km_labels)) and not (sil_end < sil_start))
         if not kept:
             final.load_state_dict(start_state)

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import SimpleITK as sitk
-
 from CLAMLib.cli import main
 
 

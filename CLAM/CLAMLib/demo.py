@@ -113,7 +113,7 @@ def _scenario(scenario: str, args: argparse.Namespace, ks: list[int], out: Path,
             true_net, true_labels, true_summary = net, labels, summary
     if args.save_model is not None and scenario == args.scenarios[0]:
         _save_model(args, scenario, data, true_net, true_summary)
-    _write_subjects(data, true_net, true_labels, out / "maps" / scenario)
+    _write_subjects(data, true_labels, examples, out / "maps" / scenario)
     _figures(scenario, data, true_labels, examples, out / "figures")
     return {"clustering": rows, "localisation": loc_rows, "pretrain_loss": pre_loss,
             "cohort": data.cohort.params}
@@ -132,23 +132,18 @@ def _save_model(args: argparse.Namespace, scenario: str, data: Prepped, net: Clu
     model.save(args.save_model)
 
 
-def _write_subjects(data: Prepped, net: ClusterNet, labels: np.ndarray, folder: Path) -> None:
-    """CT, lesion mask and default and faithful maps of the assigned cluster, as NRRD on each native grid."""
-    x = torch.as_tensor(data.arrays)[:, None]
-    baseline = torch.as_tensor(data.arrays.mean(0))[None, None]
+def _write_subjects(data: Prepped, labels: np.ndarray, maps: dict[str, np.ndarray], folder: Path) -> None:
+    """CT, lesion mask and the default and faithful maps of the assigned cluster, as NRRD on each native grid."""
     for i, (subject, prep) in enumerate(zip(data.cohort.subjects, data.prepared)):
         sub = folder / subject.id
         write_image(subject.image, sub / "ct.nrrd")
         write_image(subject.lesion, sub / "lesion.nrrd")
-        ctx = ExplainContext(baseline=baseline, lung=torch.as_tensor(data.lungs[i])[None, None])
         for method in dict.fromkeys([DEFAULT_METHOD, "clam"]):
-            _, m = explain(net, x[i : i + 1], method, ctx)
-            native = data.pre.to_native(normalise_map(m[0, labels[i]]), prep)
+            native = data.pre.to_native(normalise_map(maps[method][i]), prep)
             # 0..1 in steps of 1/255: below what a colour map shows, and 40 times smaller compressed
             steps = sitk.GetImageFromArray(np.round(sitk.GetArrayViewFromImage(native) * 255) / 255)
             steps.CopyInformation(native)
-            native = sitk.Cast(steps, sitk.sitkFloat32)
-            write_image(native, sub / f"{method}_cluster{int(labels[i])}.nrrd")
+            write_image(sitk.Cast(steps, sitk.sitkFloat32), sub / f"{method}_cluster{int(labels[i])}.nrrd")
 
 
 def _figures(scenario: str, data: Prepped, labels: np.ndarray, maps: dict[str, np.ndarray], folder: Path) -> None:

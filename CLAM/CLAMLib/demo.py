@@ -77,7 +77,7 @@ def _maps(net: ClusterNet, data: Prepped, labels: np.ndarray, method: str, seed:
     baseline = torch.as_tensor(data.arrays.mean(0))[None, None]
     out, start = [], time.perf_counter()
     for i in range(len(x)):
-        ctx = ExplainContext(baseline=baseline, lung=torch.as_tensor(data.lungs[i])[None, None], seed=seed + i)
+        ctx = ExplainContext(baseline=baseline, seed=seed + i)
         _, m = explain(net, x[i : i + 1], method, ctx)
         out.append(m[0, labels[i]])
     return np.stack(out), (time.perf_counter() - start) / len(x)

@@ -128,22 +128,16 @@ class CLAMModel:
         """Assigned cluster of every image."""
         return self.predict_proba(images, device).argmax(1)
 
-    def context(self, prepared: Optional[Prepared] = None) -> ExplainContext:
-        """What the map methods need: the cohort mean image and, for one image, its lung mask."""
+    def context(self) -> ExplainContext:
+        """What the map methods need beyond the network: the cohort mean image."""
         base = torch.as_tensor(self.cohort_mean_)[None, None] if self.cohort_mean_ is not None else None
-        lung = torch.as_tensor(prepared.lung)[None, None] if prepared is not None else None
-        return ExplainContext(baseline=base, lung=lung)
+        return ExplainContext(baseline=base)
 
     def explain(self, images: Sequence[ImageLike], method: str = "default", device: Optional[str] = None,
                 progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
         """Soft assignments (N, k) and raw maps of every cluster on the model grid (N, k, *grid)."""
         net, prepared = self._net(device), self.prepare(images)
-        qs, maps = [], []
-        for p in prepared:
-            q, m = explain(net, self._tensor([p]), method, self.context(p), progress=progress)
-            qs.append(q[0])
-            maps.append(m[0])
-        return np.stack(qs), np.stack(maps)
+        return explain(net, self._tensor(prepared), method, self.context(), progress=progress)
 
     def explain_image(self, image: sitk.Image, clusters: Union[str, Sequence[int]] = "all", method: str = "default",
                       device: Optional[str] = None, progress: Optional[Callable[[float, str], None]] = None

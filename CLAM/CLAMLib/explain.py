@@ -18,7 +18,6 @@ class ExplainContext:
     """What a map method may need beyond the network and the image."""
 
     baseline: Optional[torch.Tensor] = None  # cohort mean image (1, 1, *grid)
-    lung: Optional[torch.Tensor] = None  # lung mask on the grid (1, 1, *grid), bool
     batch_size: int = 64  # masked inputs per pass on the CPU; on CUDA the size is chosen from free memory
     seed: int = 0
     bf16: bool = False  # bf16 autocast of the masked passes, CUDA only (maps within tolerance: benchmarks/README.md)
@@ -250,8 +249,6 @@ def explain(net: ClusterNet, x: torch.Tensor, method: str = "default", ctx: Opti
     device = next(net.parameters()).device
     if ctx.baseline is not None:
         ctx.baseline = ctx.baseline.to(device)
-    if ctx.lung is not None:
-        ctx.lung = ctx.lung.to(device)
     qs, maps = [], []
     try:
         with torch.inference_mode(name in _NO_GRAD_METHODS):

@@ -152,7 +152,7 @@ class CohortMapper:
         q, maps = model.explain([prepared], self.method, self.device)
         q, maps = q[0], maps[0]
         assignment = int(q.argmax())
-        chosen = range(model.k) if self.clusters == "all" else [assignment]
+        chosen = model.chosen_clusters(self.clusters, assignment)
         grid = {}
         for c in chosen:
             m = normalise_map(maps[c])

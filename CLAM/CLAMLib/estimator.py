@@ -139,6 +139,18 @@ class CLAMModel:
         net, prepared = self._net(device), self.prepare(images)
         return explain(net, self._tensor(prepared), method, self.context(), progress=progress)
 
+    def chosen_clusters(self, clusters: Union[str, Sequence[int]], assignment: int) -> list[int]:
+        """The clusters to map: 'all', 'assigned' (the given assignment) or a list, checked against k."""
+        if clusters == "all":
+            return list(range(self.k))
+        if clusters == "assigned":
+            return [assignment]
+        chosen = [int(c) for c in clusters]
+        bad = [c for c in chosen if not 0 <= c < self.k]
+        if bad:
+            raise InputError(f"clusters {bad} do not exist; this model has clusters 0..{self.k - 1}.")
+        return chosen
+
     def explain_image(self, image: sitk.Image, clusters: Union[str, Sequence[int]] = "all", method: str = "default",
                       device: Optional[str] = None, progress: Optional[Callable[[float, str], None]] = None
                       ) -> ImageExplanation:
@@ -152,15 +164,7 @@ class CLAMModel:
         q, maps = self.explain([prepared], method, device)
         q, maps = q[0], maps[0]
         assignment = int(q.argmax())
-        if clusters == "all":
-            chosen = list(range(self.k))
-        elif clusters == "assigned":
-            chosen = [assignment]
-        else:
-            chosen = [int(c) for c in clusters]
-            bad = [c for c in chosen if not 0 <= c < self.k]
-            if bad:
-                raise InputError(f"clusters {bad} do not exist; this model has clusters 0..{self.k - 1}.")
+        chosen = self.chosen_clusters(clusters, assignment)
         report(0.8, "resampling maps to the input grid")
         grid_maps = {c: normalise_map(maps[c]) for c in chosen}
         native = {c: self.preprocessor_.to_native(m, prepared) for c, m in grid_maps.items()}

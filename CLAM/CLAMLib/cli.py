@@ -11,6 +11,11 @@ from typing import Optional, Sequence
 
 from .errors import CLAMError
 
+RESTARTS = 1
+"""Autoencoder restarts of `clam demo` and `clam train`, as TrainConfig.restarts."""
+DEMO_SMOOTH = 1.5
+"""Input smoothing of `clam demo` (Architecture.smooth, model-grid voxels)."""
+
 DESCRIPTION = """\
 CLAM clusters chest CT scans with a deep convolutional autoencoder (DCEC) and shows which image
 regions drive each cluster assignment (cluster activation maps; Ryan et al., J. Med. Imaging 2022).
@@ -55,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--grid", type=int, default=32, help="model grid side in voxels, a multiple of 8 "
                                                             "(default: 32 for speed; the paper used 88)")
     demo.add_argument("--epochs", type=int, default=None, help="autoencoder pretraining epochs (default: 60)")
+    demo.add_argument("--smooth", type=float, default=DEMO_SMOOTH,
+                      help=f"sigma, in model-grid voxels, of a fixed Gaussian in front of the encoder, so that a "
+                           f"lesion a voxel or two from its cluster's usual site still counts as there; maps stay "
+                           f"on the unsmoothed input (default: {DEMO_SMOOTH:g}; 0 is off)")
+    demo.add_argument("--restarts", type=int, default=RESTARTS,
+                      help=f"autoencoders pretrained from successive seeds; the one whose k-means clusters separate "
+                           f"best (silhouette) is fine-tuned (default: {RESTARTS})")
     demo.add_argument("--small-mm", type=float, default=None, help="size scenario: small lesion diameter in mm")
     demo.add_argument("--large-mm", type=float, default=None, help="size scenario: large lesion diameter in mm")
     demo.add_argument("--lesion-mm", type=float, default=None,
@@ -84,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--register", choices=["none", "affine", "bspline"], default="none",
                        help="register scans to a template built from the cohort (default: none)")
     train.add_argument("--epochs", type=int, default=60, help="autoencoder pretraining epochs (default: 60)")
+    train.add_argument("--smooth", type=float, default=0.0,
+                       help="sigma, in model-grid voxels, of a fixed Gaussian in front of the encoder; tolerates "
+                            "lesions that lie a voxel or two apart between scans of a cluster (default: 0, off, as "
+                            f"in the paper; clam demo uses {DEMO_SMOOTH:g})")
+    train.add_argument("--restarts", type=int, default=RESTARTS,
+                       help=f"autoencoders pretrained from successive seeds; the one whose k-means clusters separate "
+                            f"best (silhouette) is fine-tuned (default: {RESTARTS}; each adds one pretraining)")
     train.add_argument("--finetune-epochs", type=int, default=30, help="DCEC fine-tuning epochs (default: 30)")
     train.add_argument("--batch-size", type=int, default=8, help="batch size (default: 8)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -171,6 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .errors import InputError
     from .estimator import CLAMModel
     from .imageio import read_image
+    from .model import Architecture
     from .preprocess import PreprocessConfig, Preprocessor
     from .qc import training_report
     from .train import TrainConfig
@@ -215,10 +235,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise InputError("no usable scans: every scan failed its checks (see the messages above).")
         model = CLAMModel(
             preprocess=config,
-            train=TrainConfig(k=args.k, k_range=tuple(args.k_range), pretrain_epochs=args.epochs,
-                              finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, seed=args.seed,
-                              device=device),
-            grid=args.grid, ndim=ndim, verbose=not quiet)
+            train=TrainConfig(k=args.k, k_range=tuple(args.k_range), restarts=args.restarts,
+                              pretrain_epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                              batch_size=args.batch_size, seed=args.seed, device=device),
+            architecture=Architecture(ndim=ndim, grid=args.grid, smooth=args.smooth), verbose=not quiet)
         model.preprocessor_ = preprocessor
         progress = _progress_printer(args.progress_json) if ctx.main and not args.quiet else None
         names = ", ".join(s.id for s in used[:5]) + (" ..." if len(used) > 5 else "")

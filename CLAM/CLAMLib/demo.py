@@ -67,8 +67,8 @@ def _prep(cohort: Cohort, grid: int, register: str) -> Prepped:
 
 
 def _config(args: argparse.Namespace, k: int) -> TrainConfig:
-    return TrainConfig(k=k, pretrain_epochs=args.epochs or 60, finetune_epochs=30, batch_size=8, seed=args.seed,
-                       device=args.device)
+    return TrainConfig(k=k, restarts=args.restarts, pretrain_epochs=args.epochs or 60, finetune_epochs=30,
+                       batch_size=8, seed=args.seed, device=args.device)
 
 
 def _maps(net: ClusterNet, data: Prepped, labels: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, float]:
@@ -87,21 +87,21 @@ def _scenario(scenario: str, args: argparse.Namespace, ks: list[int], out: Path,
     """Clustering and localisation rows for one scenario, plus its files."""
     bar.set_description(f"{scenario}: phantoms")
     data = _prep(_cohort(scenario, args, args.anatomy_variation, args.seed), args.grid, "none")
-    arch = Architecture(ndim=3, grid=args.grid)
+    arch = Architecture(ndim=3, grid=args.grid, smooth=args.smooth)
     verbose = not args.quiet
     bar.set_description(f"{scenario}: pretraining")
-    base, pre_loss = Trainer(arch, _config(args, TRUE_K), verbose=verbose).pretrained(data.arrays)
+    pretrained = Trainer(arch, _config(args, TRUE_K), verbose=verbose).pretrained(data.arrays)
     y = data.cohort.labels
     tol = args.grid // arch.feature_grid
     rows, loc_rows, examples = [], [], {}
     for k in ks:
         bar.set_description(f"{scenario}: k={k}")
-        net, summary = Trainer(arch, _config(args, k), verbose=verbose).fit(data.arrays, net=base)
+        net, summary = Trainer(arch, _config(args, k), verbose=verbose).fit(data.arrays, pretrained)
         labels = np.array(summary.labels)
         scores = clustering_scores(y, labels)
         rows.append({"scenario": scenario, "k": k, "true_k": TRUE_K, **scores,
                      "cluster_sizes": summary.cluster_sizes, "finetune_kept": summary.finetune_kept,
-                     "silhouette": summary.silhouette_final})
+                     "silhouette": summary.silhouette_final, "restart_seed": next(r["seed"] for r in summary.restarts if r["best"])})
         for method in MAP_METHODS:
             maps, secs = _maps(net, data, labels, method, args.seed)
             loc = localisation_scores(list(maps), list(data.lesions), list(data.lungs), tolerance=tol)
@@ -115,7 +115,8 @@ def _scenario(scenario: str, args: argparse.Namespace, ks: list[int], out: Path,
         _save_model(args, scenario, data, true_net, true_summary)
     _write_subjects(data, true_labels, examples, out / "maps" / scenario)
     _figures(scenario, data, true_labels, examples, out / "figures")
-    return {"clustering": rows, "localisation": loc_rows, "pretrain_loss": pre_loss,
+    return {"clustering": rows, "localisation": loc_rows, "pretrain_loss": true_summary.pretrain_loss,
+            "restarts": true_summary.restarts,
             "cohort": data.cohort.params}
 
 
@@ -204,7 +205,7 @@ def _figures(scenario: str, data: Prepped, labels: np.ndarray, maps: dict[str, n
 def _sweep(args: argparse.Namespace, bar: tqdm) -> list[dict[str, Any]]:
     """Accuracy at the true k against anatomy variation, with and without affine template registration."""
     rows = []
-    arch = Architecture(ndim=3, grid=args.grid)
+    arch = Architecture(ndim=3, grid=args.grid, smooth=args.smooth)
     for level in SWEEP_LEVELS:
         cohort = _cohort("location", args, level, args.seed + 1000)
         for register in ("none", "affine"):
@@ -223,7 +224,8 @@ def _markdown(results: dict[str, Any]) -> str:
         "# CLAM simulation study",
         "",
         f"Grid {s['grid']}^3, {s['subjects_per_cluster']} subjects per cluster, true k = {TRUE_K}, seed {s['seed']}, "
-        f"anatomy variation {s['anatomy_variation']:g}; {s['seconds']:.0f} s on {s['machine']}.",
+        f"anatomy variation {s['anatomy_variation']:g}, input smoothing sigma {s['smooth']:g} voxels, {s['restarts']} autoencoder "
+        f"restarts; {s['seconds']:.0f} s on {s['machine']}.",
         "Subjects: " + (f"deformed copies of the real CT {s['base']} with inserted lesions." if s["base"]
                         else "simulated chest phantoms."),
         "",
@@ -235,6 +237,12 @@ def _markdown(results: dict[str, Any]) -> str:
     for r in results["clustering"]:
         lines.append(f"| {r['scenario']} | {r['k']} | {r['accuracy']:.3f} | {r['ari']:.3f} | {r['nmi']:.3f} | "
                      f"{r['cluster_sizes']} |")
+    lines += ["", f"Restarts at k = {TRUE_K}: silhouette of each autoencoder's k-means partition (the highest is kept, *).",
+              "", "| scenario | " + " | ".join(f"seed {r['seed']}" for r in next(iter(results["restarts"].values())))
+              + " |", "|---|" + "---|" * s["restarts"]]
+    for scenario, rows in results["restarts"].items():
+        lines.append(f"| {scenario} | " + " | ".join(f"{r['silhouette']:.3f}" + ("*" if r["best"] else "")
+                                                     for r in rows) + " |")
     lines += ["", "## Localisation of the assigned cluster's map (inside the lungs)", "",
               f"Pointing game tolerance: one voxel of the activation grid ({s['tolerance']} model voxels). "
               "Mass ratio: share of map mass in the lesion over the lesion's share of the lung (1 = chance).", "",
@@ -263,20 +271,23 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     ks = [TRUE_K] if args.quick else [TRUE_K - 1, TRUE_K, TRUE_K + 1]
     sweep = not (args.quick or args.no_sweep)
     total = len(scenarios) * len(ks) + (len(SWEEP_LEVELS) * 2 if sweep else 0)
-    results: dict[str, Any] = {"clustering": [], "localisation": [], "sweep": [], "pretrain_loss": {}, "cohorts": {}}
+    results: dict[str, Any] = {"clustering": [], "localisation": [], "sweep": [], "pretrain_loss": {}, "restarts": {},
+                               "cohorts": {}}
     with tqdm(total=total, desc="clam demo", disable=args.quiet, dynamic_ncols=True) as bar:
         for scenario in scenarios:
             r = _scenario(scenario, args, ks, out, bar)
             results["clustering"] += r["clustering"]
             results["localisation"] += r["localisation"]
             results["pretrain_loss"][scenario] = r["pretrain_loss"]
+            results["restarts"][scenario] = r["restarts"]
             results["cohorts"][scenario] = r["cohort"]
         if sweep:
             results["sweep"] = _sweep(args, bar)
     results["settings"] = {
         "grid": args.grid, "subjects_per_cluster": args.subjects, "seed": args.seed,
         "anatomy_variation": args.anatomy_variation, "base": str(args.base) if args.base else None,
-        "scenarios": scenarios, "k_values": ks, "true_k": TRUE_K,
+        "scenarios": scenarios, "k_values": ks, "true_k": TRUE_K, "restarts": args.restarts,
+        "smooth": args.smooth,
         "default_method": DEFAULT_METHOD, "tolerance": args.grid // Architecture(grid=args.grid).feature_grid,
         "seconds": time.perf_counter() - start, "machine": f"{platform.machine()} {platform.system()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}", "python": sys.version.split()[0],

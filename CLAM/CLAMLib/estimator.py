@@ -53,8 +53,7 @@ class CLAMModel:
     # -- fitting -------------------------------------------------------------------------------------------
 
     def fit(self, images: Sequence[ImageLike], progress: Optional[Progress] = None,
-            trained_on: str = "", pretrained: Optional[ClusterNet] = None,
-            trainer_options: Optional[dict[str, Any]] = None) -> CLAMModel:
+            trained_on: str = "", trainer_options: Optional[dict[str, Any]] = None) -> CLAMModel:
         """Fit preprocessing and the clustering network to a cohort of CT images (HU); trainer_options go to Trainer."""
         if len(images) == 0:
             raise InputError("no images to train on; give at least k + 1 scans.")
@@ -69,7 +68,7 @@ class CLAMModel:
         self.cohort_mean_ = arrays.mean(0).astype(np.float32)
         trainer = Trainer(self.architecture, self.train, progress=progress, verbose=self.verbose,
                           **(trainer_options or {}))
-        self.net_, self.summary_ = trainer.fit(arrays, net=pretrained)
+        self.net_, self.summary_ = trainer.fit(arrays)
         self.card_ = {"trained_on": trained_on or f"{len(images)} images", "n_subjects": len(images)}
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -12,7 +13,12 @@ from .errors import InputError
 
 @dataclass
 class Architecture:
-    """Shape of the autoencoder; the defaults are the paper's (three stride-2 blocks, 60-d embedding)."""
+    """Shape of the autoencoder; the defaults are the paper's (three stride-2 blocks, 60-d embedding).
+
+    ``smooth`` > 0 puts a fixed Gaussian of that sigma (model-grid voxels) in front of the encoder, and the
+    autoencoder reconstructs the smoothed input: clusters then tolerate lesions that lie a voxel or two apart
+    between scans, while maps are still computed on the unsmoothed input.
+    """
 
     ndim: int = 3
     grid: int = 88
@@ -22,9 +28,12 @@ class Architecture:
     embedding: int = 60
     negative_slope: float = 0.1
     in_channels: int = 1
+    smooth: float = 0.0
 
     def __post_init__(self) -> None:
         self.filters = tuple(int(f) for f in self.filters)
+        if not (math.isfinite(self.smooth) and self.smooth >= 0):
+            raise InputError(f"smooth must be 0 (off) or a Gaussian sigma in grid voxels, not {self.smooth}.")
         if self.ndim not in (2, 3):
             raise InputError(f"ndim must be 2 or 3, not {self.ndim}.")
         if (self.kernel - self.stride) % 2:
@@ -69,11 +78,36 @@ def _deconv(ndim: int):
     return nn.ConvTranspose3d if ndim == 3 else nn.ConvTranspose2d
 
 
+class GaussianSmoothing(nn.Module):
+    """Fixed Gaussian of sigma voxels along every spatial axis of a (grid,)*ndim input (edges replicated, truncated
+    at 4 sigma), applied as one small matrix per axis."""
+
+    def __init__(self, sigma: float, ndim: int, grid: int) -> None:
+        super().__init__()
+        radius = max(1, int(4.0 * sigma + 0.5))
+        offsets = torch.arange(-radius, radius + 1)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        matrix = torch.zeros(grid, grid)
+        rows = torch.arange(grid)
+        for offset, weight in zip(offsets.tolist(), kernel.tolist()):
+            matrix[rows, (rows + offset).clamp(0, grid - 1)] += weight
+        self.register_buffer("matrix", matrix, persistent=False)
+        self.ndim = ndim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The smoothed batch (N, C, *grid)."""
+        for axis in range(2, 2 + self.ndim):
+            x = torch.movedim(torch.movedim(x, axis, -1) @ self.matrix.T, -1, axis)
+        return x
+
+
 class Encoder(nn.Module):
     """Strided convolution blocks (each with LeakyReLU), then a dense embedding."""
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
+        self.smooth = GaussianSmoothing(arch.smooth, arch.ndim, arch.grid) if arch.smooth > 0 else nn.Identity()
         conv, pad = _conv(arch.ndim), (arch.kernel - arch.stride) // 2
         chans = (arch.in_channels,) + arch.filters
         self.blocks = nn.ModuleList(
@@ -84,6 +118,7 @@ class Encoder(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Activations of the last encoder block (after its LeakyReLU)."""
+        x = self.smooth(x)
         for block in self.blocks:
             x = block(x)
         return x

@@ -26,7 +26,7 @@ Progress = Callable[[float, str, str], None]
 """Progress callback: fraction done (0..1), stage name, message."""
 
 CHECKPOINT_FORMAT = "clam-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 CHECKPOINT_CARD = "checkpoint.json"
 EXIT_AFTER_BATCHES_ENV = "CLAM_EXIT_AFTER_BATCHES"
 """Test hook: when set to N > 0, the training process exits abruptly (code 75) after N optimiser steps."""
@@ -35,10 +35,15 @@ EXIT_CODE = 75
 
 @dataclass
 class TrainConfig:
-    """Training settings; k=None chooses k over k_range by the silhouette of the embedding."""
+    """Training settings; k=None chooses k over k_range by the silhouette of the embedding.
+
+    ``restarts`` autoencoders are pretrained from seeds seed, seed + 1, ...; the one whose k-means partition has the
+    highest silhouette is fine-tuned (as k-means keeps the best of its initialisations).
+    """
 
     k: Optional[int] = None
     k_range: tuple[int, int] = (2, 8)
+    restarts: int = 1
     pretrain_epochs: int = 60
     finetune_epochs: int = 30
     batch_size: int = 8
@@ -65,6 +70,7 @@ class TrainSummary:
     pretrain_loss: list[float] = field(default_factory=list)
     finetune_loss: list[float] = field(default_factory=list)
     k_table: list[dict] = field(default_factory=list)
+    restarts: list[dict] = field(default_factory=list)
     silhouette_kmeans: float = float("nan")
     silhouette_final: float = float("nan")  # of the final labels, in the k-means start's embedding
     finetune_kept: bool = True
@@ -76,6 +82,15 @@ class TrainSummary:
     def to_dict(self) -> dict:
         """JSON-able form."""
         return asdict(self)
+
+
+@dataclass
+class Pretrained:
+    """An autoencoder pretrained from one seed: the network and its loss per epoch."""
+
+    net: ClusterNet
+    loss: list[float]
+    seed: int
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -140,6 +155,12 @@ def _normalise_latent(net: ClusterNet, z: torch.Tensor) -> torch.Tensor:
     net.head.center.copy_(center.to(net.head.center.device))
     net.head.scale.copy_(scale.to(net.head.scale.device))
     return (z - center) / scale
+
+
+@torch.no_grad()
+def _target(net: ClusterNet, x: torch.Tensor) -> torch.Tensor:
+    """What the autoencoder reconstructs: the input as the encoder sees it (smoothed when the architecture says so)."""
+    return net.encoder.smooth(x)
 
 
 def target_distribution(q: torch.Tensor) -> torch.Tensor:
@@ -362,7 +383,7 @@ class Trainer:
                 for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
                     local, weight = self.dist.share(idx)
                     xb = x[local].to(self.device)
-                    loss = torch.nn.functional.mse_loss(model(xb), xb)
+                    loss = torch.nn.functional.mse_loss(model(xb), _target(net, xb))
                     self._step(opt, loss, weight)
                     total += loss.detach() * (len(local) if weight else 0)
                 losses.append(float(self.dist.all_sum(total)) / len(x))
@@ -401,7 +422,7 @@ class Trainer:
                     xb, pb = x[local].to(self.device), p[local].to(self.device)
                     qb, recon = model(xb)
                     kl = torch.nn.functional.kl_div(qb.clamp_min(1e-12).log(), pb, reduction="batchmean")
-                    loss = cfg.gamma * kl + torch.nn.functional.mse_loss(recon, xb)
+                    loss = cfg.gamma * kl + torch.nn.functional.mse_loss(recon, _target(net, xb))
                     self._step(opt, loss, weight)
                     total += loss.detach() * (len(local) if weight else 0)
                 losses.append(float(self.dist.all_sum(total)) / len(x))
@@ -416,14 +437,77 @@ class Trainer:
             labels = net.head(z.to(self.device)).argmax(1).cpu().numpy()
         return losses, labels
 
-    def pretrained(self, arrays: np.ndarray) -> tuple[ClusterNet, list[float]]:
-        """An autoencoder pretrained on an array (N, *grid), to fine-tune for several k."""
-        gen = seed_everything(self.config.seed)
-        net = ClusterNet(self.arch, self.config.k or 1).to(self.device)
-        return net, self.pretrain(net, as_batch(arrays, self.arch), gen)
+    def pretrained(self, arrays: np.ndarray) -> list[Pretrained]:
+        """Autoencoders pretrained on an array (N, *grid), one per restart, to fine-tune for several k."""
+        x = as_batch(arrays, self.arch)
+        return [self._pretrain_restart(x, r, max(self.config.k or 1, 1)) for r in range(self._restarts())]
 
-    def fit(self, arrays: np.ndarray, net: Optional[ClusterNet] = None) -> tuple[ClusterNet, TrainSummary]:
-        """Train on an array (N, *grid) of preprocessed images; pass a pretrained net to skip pretraining."""
+    def _restarts(self) -> int:
+        if int(self.config.restarts) < 1:
+            raise InputError(f"restarts must be at least 1, not {self.config.restarts}.")
+        return 1 if self.config.k == 1 else int(self.config.restarts)
+
+    def _pretrain_restart(self, x: torch.Tensor, restart: int, k: int) -> Pretrained:
+        """Pretrain one autoencoder from seed + restart."""
+        seed = self.config.seed + restart
+        gen = seed_everything(seed)
+        net = ClusterNet(self.arch, k).to(self.device)
+        return Pretrained(net, self.pretrain(net, x, gen), seed)
+
+    def _scored(self, candidate: Pretrained, x: torch.Tensor, k_values: range) -> dict[str, Any]:
+        """k-means on a pretrained autoencoder's normalised embedding, for every k: the chosen k and its fit."""
+        z = embed(candidate.net, x, self.device)
+        with torch.no_grad():
+            zn = _normalise_latent(candidate.net, z.to(self.device)).cpu().numpy()
+        k, table, fits = choose_k(zn, k_values, candidate.seed)
+        row = next(r for r in table if r["k"] == k)
+        return {"candidate": candidate, "k": k, "table": table, "kmeans": fits[k], "zn": zn,
+                "silhouette": row["silhouette"]}
+
+    def _best_restart(self, x: torch.Tensor, k_values: range,
+                      given: Optional[list[Pretrained]]) -> tuple[dict[str, Any], list[dict]]:
+        """Pretrain (or take) every restart and keep the one whose k-means partition has the highest silhouette.
+
+        Under a checkpoint, the best restart so far is saved with each epoch, so a resumed run continues the
+        interrupted restart and still compares it with those finished before.
+        """
+        def better(a: dict[str, Any], b: Optional[dict[str, Any]]) -> bool:
+            return b is None or (np.nan_to_num(a["silhouette"], nan=-np.inf) >
+                                 np.nan_to_num(b["silhouette"], nan=-np.inf))
+
+        best: Optional[dict[str, Any]] = None
+        rows: list[dict] = []
+        first = 0
+        if given is None and self._saved is not None and self._saved[0]["stage"] == "pretrain":
+            meta, tensors = self._saved[0]["meta"], self._saved[1]
+            first, rows = int(meta["restart"]), list(meta["restarts"])
+            if rows:
+                kept = next(r for r in rows if r["best"])
+                net = ClusterNet(self.arch, max(k_values)).to(self.device)
+                net.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("best.")})
+                best = self._scored(Pretrained(net, list(meta["best_loss"]), kept["seed"]), x, k_values)
+        total = len(given) if given is not None else self._restarts()
+        for r in range(first, total):
+            if given is not None:
+                candidate = given[r]
+            else:
+                self._stage_meta = {"restart": r, "restarts": rows,
+                                    "best_loss": best["candidate"].loss if best else []}
+                self._stage_tensors = ({f"best.{k}": v for k, v in best["candidate"].net.state_dict().items()}
+                                       if best else {})
+                candidate = self._pretrain_restart(x, r, max(k_values))
+                self._saved = None  # only the interrupted restart resumes from the checkpoint
+            scored = self._scored(candidate, x, k_values)
+            if better(scored, best):
+                best = scored
+            rows.append({"restart": r, "seed": candidate.seed, "k": scored["k"],
+                         "silhouette": scored["silhouette"], "best": False})
+            for row in rows:
+                row["best"] = row["seed"] == best["candidate"].seed
+        return best, rows
+
+    def fit(self, arrays: np.ndarray, pretrained: Optional[list[Pretrained]] = None) -> tuple[ClusterNet, TrainSummary]:
+        """Train on an array (N, *grid) of preprocessed images; pass pretrained autoencoders to skip pretraining."""
         cfg, start = self.config, time.perf_counter()
         x = as_batch(arrays, self.arch)
         n = len(x)
@@ -432,9 +516,11 @@ class Trainer:
             raise InputError(f"k must be at least 1, not {cfg.k}.")
         if n < max(k_values) + 1:
             raise InputError(f"{n} images cannot form {max(k_values)} clusters; give more images or a smaller k.")
-        gen = seed_everything(cfg.seed)
+        self._restarts()
+        if pretrained is not None and not pretrained:
+            raise InputError("pretrained is an empty list; pass None to pretrain here.")
         if self.checkpoint is not None:
-            self._fingerprint = self._fingerprint_of(x) + ("" if net is None else ":pretrained")
+            self._fingerprint = self._fingerprint_of(x) + ("" if pretrained is None else ":pretrained")
             if self.resume and self.checkpoint.exists():
                 self._saved = self.checkpoint.load(self._fingerprint)
         resumed_finetune = self._saved is not None and self._saved[0]["stage"] == "finetune"
@@ -442,24 +528,17 @@ class Trainer:
             meta, tensors = self._saved[0]["meta"], self._saved[1]
             pretrain_loss, k, table = list(meta["pretrain_loss"]), int(meta["k"]), meta["k_table"]
             km_labels, sil_start = np.asarray(meta["kmeans_labels"]), float(meta["silhouette_kmeans"])
+            restarts, seed = meta["restarts"], int(meta["seed"])
             start_state = {k_[6:]: v.clone() for k_, v in tensors.items() if k_.startswith("start.")}
             final = ClusterNet(self.arch, k).to(self.device)
             self._stage_meta = {key: meta[key] for key in ("pretrain_loss", "k_table", "kmeans_labels",
-                                                            "silhouette_kmeans")}
+                                                            "silhouette_kmeans", "restarts", "seed")}
             self._stage_tensors = {f"start.{k_}": v for k_, v in start_state.items()}
         else:
-            if net is None:
-                net = ClusterNet(self.arch, max(k_values)).to(self.device)
-                pretrain_loss = self.pretrain(net, x, gen)
-            else:
-                net = copy.deepcopy(net).to(self.device)
-                pretrain_loss = []
-            z = embed(net, x, self.device)
-            with torch.no_grad():
-                zn = _normalise_latent(net, z.to(self.device)).cpu().numpy()
+            best, restarts = self._best_restart(x, k_values, pretrained)
             self._report(0.62, "kmeans", "k-means on the embedding")
-            k, table, fits = choose_k(zn, k_values, cfg.seed)
-            km = fits[k]
+            net, pretrain_loss, seed = best["candidate"].net, best["candidate"].loss, best["candidate"].seed
+            k, table, km = best["k"], best["table"], best["kmeans"]
             km_labels = km.labels_
             final = ClusterNet(self.arch, k).to(self.device)
             state = {name: t for name, t in net.state_dict().items() if not name.startswith("head.centroids")}
@@ -467,10 +546,11 @@ class Trainer:
             with torch.no_grad():
                 final.head.centroids.copy_(torch.as_tensor(km.cluster_centers_, dtype=torch.float32))
             start_state = copy.deepcopy(final.state_dict())
-            sil_start = _silhouette(zn, km.labels_)
-            self._stage_meta = {"pretrain_loss": pretrain_loss, "k_table": table,
+            sil_start = _silhouette(best["zn"], km.labels_)
+            self._stage_meta = {"pretrain_loss": pretrain_loss, "k_table": table, "restarts": restarts, "seed": seed,
                                 "kmeans_labels": km.labels_.tolist(), "silhouette_kmeans": sil_start}
             self._stage_tensors = {f"start.{k_}": v for k_, v in start_state.items()}
+        gen = seed_everything(seed)
         finetune_loss, labels = self.finetune(final, x, gen) if k > 1 else ([], km_labels.copy())
         # judge both partitions in the k-means start's embedding: fine-tuning sharpens whatever clusters it drifts
         # to, so its own embedding would always flatter it; in the start's, drifting away from the data's
@@ -485,7 +565,7 @@ class Trainer:
             labels = km_labels.copy()
         summary = TrainSummary(
             k=k, n_subjects=n, device=str(self.device), pretrain_loss=pretrain_loss, finetune_loss=finetune_loss,
-            k_table=table, silhouette_kmeans=sil_start, silhouette_final=sil_end if kept else sil_start,
+            k_table=table, restarts=restarts, silhouette_kmeans=sil_start, silhouette_final=sil_end if kept else sil_start,
             finetune_kept=kept, kmeans_labels=km_labels.tolist(), labels=[int(v) for v in labels],
             cluster_sizes=np.bincount(labels, minlength=k).tolist(), seconds=time.perf_counter() - start,
         )

@@ -12,8 +12,8 @@ import numpy as np
 import SimpleITK as sitk
 
 MODULE_DIR = Path(__file__).resolve().parents[2]
-TRAIN_ARGS = ["--k", "2", "--grid", "16", "--epochs", "3", "--finetune-epochs", "3", "--batch-size", "3",
-              "--device", "cpu", "--quiet", "--no-qc"]
+TRAIN_ARGS = ["--k", "2", "--restarts", "2", "--grid", "16", "--epochs", "3", "--finetune-epochs", "3",
+              "--batch-size", "3", "--device", "cpu", "--quiet", "--no-qc"]
 
 
 def write_phantoms(folder: Path, n_per_cluster: int = 4, seed: int = 0) -> list[Path]:

@@ -44,24 +44,31 @@ def test_training_report_and_qc(reference: Path) -> None:
 def test_interrupted_training_resumes_to_the_same_weights(scans: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     args = ["train", str(scans), "--out", str(out), *TRAIN_ARGS]
-    # 8 scans in batches of 3 = 3 steps per epoch: step 4 is in pretraining epoch 2
+    # 8 scans in batches of 3 = 3 steps per epoch, 3 epochs per restart, 2 restarts: step 4 is in restart 0, epoch 2
     first = run_clam(args, **{EXIT_AFTER_BATCHES_ENV: "4"})
     assert first.returncode == EXIT_CODE, first.stderr
     card = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
-    assert (card["stage"], card["epoch"]) == ("pretrain", 1)
-    # resumed: 6 steps finish pretraining, step 7 falls in fine-tuning epoch 1
-    second = run_clam(args + ["--resume"], **{EXIT_AFTER_BATCHES_ENV: "7"})
+    assert (card["stage"], card["epoch"], card["meta"]["restart"]) == ("pretrain", 1, 0)
+    # resumed: 6 steps finish restart 0, 3 make restart 1's first epoch, step 10 falls in its second
+    second = run_clam(args + ["--resume"], **{EXIT_AFTER_BATCHES_ENV: "10"})
     assert second.returncode == EXIT_CODE, second.stderr
     card = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    assert (card["stage"], card["epoch"], card["meta"]["restart"]) == ("pretrain", 1, 1)
+    assert [r["restart"] for r in card["meta"]["restarts"]] == [0]
+    # resumed: 6 steps finish restart 1, step 7 falls in fine-tuning epoch 1
+    third = run_clam(args + ["--resume"], **{EXIT_AFTER_BATCHES_ENV: "7"})
+    assert third.returncode == EXIT_CODE, third.stderr
+    card = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
     assert (card["stage"], card["epoch"]) == ("finetune", 0)
-    third = run_clam(args + ["--resume"])
-    assert third.returncode == 0, third.stderr
+    last = run_clam(args + ["--resume"])
+    assert last.returncode == 0, last.stderr
     a, b = load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
     ta = json.loads((reference / "model.json").read_text())["training"]
     tb = json.loads((out / "model.json").read_text())["training"]
+    assert ta["restarts"] == tb["restarts"] and len(ta["restarts"]) == 2
     assert ta["labels"] == tb["labels"] and ta["pretrain_loss"] == pytest.approx(tb["pretrain_loss"], abs=1e-7)
 
 

@@ -4,17 +4,23 @@ import json
 
 import pytest
 import SimpleITK as sitk
-from CLAMLib.cli import main
+from CLAMLib.cli import DEMO_SMOOTH, RESTARTS, main
+from CLAMLib.train import TrainConfig
 
 
 def test_demo_writes_table_maps_and_figures(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--subjects", "3", "--epochs", "2", "--grid", "16", "--out", str(out),
-                 "--quiet", "--save-model", str(tmp_path / "model")]) == 0
+    assert main(["demo", "--quick", "--subjects", "3", "--epochs", "2", "--grid", "16", "--restarts", "2",
+                 "--out", str(out), "--quiet", "--save-model", str(tmp_path / "model")]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["grid"] == 16 and results["settings"]["default_method"] == "ig"
+    settings = results["settings"]
+    assert settings["grid"] == 16 and settings["default_method"] == "ig"
+    assert settings["smooth"] == DEMO_SMOOTH and settings["restarts"] == 2
+    restarts = results["restarts"]["size"]
+    assert [r["seed"] for r in restarts] == [0, 1] and sum(r["best"] for r in restarts) == 1
     row = results["clustering"][0]
     assert row["scenario"] == "size" and row["k"] == 2 and 0.5 <= row["accuracy"] <= 1.0
+    assert row["restart_seed"] == next(r["seed"] for r in restarts if r["best"])
     methods = {r["method"] for r in results["localisation"]}
     assert {"ig", "clam", "scorecam", "gradient", "occlusion", "random"} <= methods
     assert "| size | 2 |" in (out / "results.md").read_text()
@@ -27,7 +33,8 @@ def test_demo_writes_table_maps_and_figures(tmp_path, capsys) -> None:
     assert 0.0 <= arr.min() and arr.max() <= 1.0
     assert (out / "figures" / "size_examples.png").stat().st_size > 1000
     assert (out / "figures" / "size_cluster_average.png").stat().st_size > 1000
-    assert (tmp_path / "model" / "model.json").is_file()
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["architecture"]["smooth"] == DEMO_SMOOTH
     assert "results.md" in capsys.readouterr().out
 
 
@@ -38,3 +45,7 @@ def test_help_explains_each_command(command, capsys) -> None:
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "usage: clam" in text and len(text) > 300
+
+
+def test_command_line_restarts_default_is_the_api_default() -> None:
+    assert RESTARTS == TrainConfig().restarts

@@ -92,3 +92,51 @@ def test_too_few_images_for_k_is_refused() -> None:
     x, _ = blobs(1, [(4, 4), (11, 11)])
     with pytest.raises(InputError, match="cannot form 3 clusters"):
         Trainer(ARCH, config(k=3), verbose=False).fit(x)
+
+
+def test_restarts_keep_the_autoencoder_whose_clusters_separate_best() -> None:
+    x, y = blobs(10, [(4, 4), (11, 11)], noise=0.15)
+    net, s = Trainer(ARCH, config(restarts=3), verbose=False).fit(x)
+    assert [r["seed"] for r in s.restarts] == [3, 4, 5]
+    best = [r for r in s.restarts if r["best"]]
+    assert len(best) == 1 and best[0]["silhouette"] == max(r["silhouette"] for r in s.restarts)
+    assert s.silhouette_kmeans == pytest.approx(best[0]["silhouette"])
+    # each restart is the single-restart run of its seed; the kept one is fine-tuned exactly as that run
+    single, s1 = Trainer(ARCH, config(seed=best[0]["seed"]), verbose=False).fit(x)
+    assert s.labels == s1.labels
+    for (name, a), b in zip(net.state_dict().items(), single.state_dict().values()):
+        assert torch.equal(a, b), name
+    # pretraining once and fitting from the pretrained autoencoders gives the same model
+    trainer = Trainer(ARCH, config(restarts=3), verbose=False)
+    again, s2 = trainer.fit(x, trainer.pretrained(x))
+    assert s2.restarts == s.restarts and s2.labels == s.labels
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+def test_bad_restarts_are_refused() -> None:
+    x, _ = blobs(4, [(4, 4), (11, 11)])
+    with pytest.raises(InputError, match="restarts must be at least 1"):
+        Trainer(ARCH, config(restarts=0), verbose=False).fit(x)
+
+
+def test_input_smoothing_is_a_fixed_gaussian_in_front_of_the_encoder() -> None:
+    from dataclasses import replace
+
+    from CLAMLib.model import ClusterNet, GaussianSmoothing
+    from scipy import ndimage
+
+    x = np.random.default_rng(0).normal(size=(2, 1, 16, 16)).astype(np.float32)
+    smoothed = GaussianSmoothing(1.5, 2, 16)(torch.as_tensor(x)).numpy()
+    expected = np.stack([ndimage.gaussian_filter(v[0], 1.5, mode="nearest") for v in x])[:, None]
+    assert np.abs(smoothed - expected).max() < 1e-5
+    with pytest.raises(InputError, match="smooth"):
+        replace(ARCH, smooth=-1.0)
+    torch.manual_seed(0)
+    net = ClusterNet(replace(ARCH, smooth=1.5), 2)
+    plain = ClusterNet(ARCH, 2)
+    plain.load_state_dict(net.state_dict())  # the Gaussian holds no weights: bundles stay compatible
+    with torch.no_grad():
+        assert torch.allclose(net.encoder(torch.as_tensor(x)), plain.encoder(torch.as_tensor(smoothed)), atol=1e-5)
+    images, _ = blobs(6, [(4, 4), (11, 11)])
+    _, s = Trainer(replace(ARCH, smooth=1.5), config(finetune_epochs=2), verbose=False).fit(images)
+    assert len(s.labels) == 12 and s.pretrain_loss[-1] < s.pretrain_loss[0]

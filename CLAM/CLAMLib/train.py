@@ -461,8 +461,7 @@ class Trainer:
             zn = _normalise_latent(candidate.net, z.to(self.device)).cpu().numpy()
         k, table, fits = choose_k(zn, k_values, candidate.seed)
         row = next(r for r in table if r["k"] == k)
-        return {"candidate": candidate, "k": k, "table": table, "kmeans": fits[k], "zn": zn,
-                "silhouette": row["silhouette"]}
+        return {"candidate": candidate, "k": k, "table": table, "kmeans": fits[k], "silhouette": row["silhouette"]}
 
     def _best_restart(self, x: torch.Tensor, k_values: range,
                       given: Optional[list[Pretrained]]) -> tuple[dict[str, Any], list[dict]]:
@@ -546,7 +545,7 @@ class Trainer:
             with torch.no_grad():
                 final.head.centroids.copy_(torch.as_tensor(km.cluster_centers_, dtype=torch.float32))
             start_state = copy.deepcopy(final.state_dict())
-            sil_start = _silhouette(best["zn"], km.labels_)
+            sil_start = best["silhouette"]  # the silhouette of km.labels_ in this embedding, from choose_k
             self._stage_meta = {"pretrain_loss": pretrain_loss, "k_table": table, "restarts": restarts, "seed": seed,
                                 "kmeans_labels": km.labels_.tolist(), "silhouette_kmeans": sil_start}
             self._stage_tensors = {f"start.{k_}": v for k_, v in start_state.items()}

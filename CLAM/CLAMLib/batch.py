@@ -31,6 +31,7 @@ from .cohort import Scan
 from .distributed import SINGLE, DistContext
 from .errors import CLAMError, InputError
 from .imageio import atomic_path, check_image, read_image, write_image
+from .preprocess import LungMask, find_lungs
 from .qc import lung_volume_litres, map_picture, qc_picture
 
 FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
@@ -55,19 +56,21 @@ class ScanResult:
         return dict(self.__dict__)
 
 
-def checked_scan(scan: Scan, ndim: int, qc_path: Path | None = None) -> tuple[sitk.Image, float]:
-    """Read a scan, check it suits an `ndim`-D model and has lungs; write its QC picture; return it and lung litres."""
-    from .preprocess import lung_mask
+def checked_scan(scan: Scan, ndim: int, qc_path: Path | None = None) -> tuple[sitk.Image, LungMask | None, float]:
+    """Read a scan, check it suits an `ndim`-D model and has lungs; write its QC picture; return it, lungs and litres.
 
+    The lungs (None for a 2D model) go to Preprocessor.transform or to_grid, which then need not find them again.
+    """
     image = read_image(scan.path)
     check_image(image, ndim)
     if ndim != 3:
-        return image, float("nan")
-    mask = lung_mask(image)
+        return image, None, float("nan")
+    lungs = find_lungs(image)
+    mask = lungs.full()
     volume = lung_volume_litres(mask)
     if qc_path is not None:
         qc_picture(image, mask, qc_path, title=scan.id)
-    return image, volume
+    return image, lungs, volume
 
 
 def _reason(exc: BaseException) -> str:
@@ -146,8 +149,8 @@ class CohortMapper:
 
         model = self.model
         (folder / DONE).unlink(missing_ok=True)
-        image, volume = checked_scan(scan, model.architecture.ndim, folder / "qc.png" if self.qc else None)
-        prepared = model.prepare([image])[0]
+        image, lungs, volume = checked_scan(scan, model.architecture.ndim, folder / "qc.png" if self.qc else None)
+        prepared = model.preprocessor_.transform(image, lungs)
         del image  # the largest object; maps are resampled from the prepared geometry alone
         q, maps = model.explain([prepared], self.method, self.device)
         q, maps = q[0], maps[0]

@@ -7,9 +7,14 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .errors import CLAMError
+
+if TYPE_CHECKING:
+    from .cohort import Scan
+    from .distributed import DistContext
+    from .preprocess import Gridded, Prepared, PreprocessConfig, Preprocessor
 
 RESTARTS = 1
 """Autoencoder restarts of `clam demo` and `clam train`, as TrainConfig.restarts."""
@@ -74,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base", type=Path, default=None, metavar="CT",
                       help="use a real chest CT (HU) as base anatomy: each subject is a randomly deformed copy "
                            "with intensity jitter and inserted lesions (the semi-synthetic benchmark)")
+    demo.add_argument("--register", choices=["none", "affine", "bspline"], default="none",
+                      help="register every subject's lungs to the cohort's lung template before clustering "
+                           "(default: none)")
     demo.add_argument("--save-model", type=Path, default=None, metavar="DIR",
                       help="also save the first scenario's model at the true k as a bundle folder "
                            "(models/clam-demo is made this way)")
@@ -89,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("scans", nargs="+", help="image files (NIfTI, NRRD, MHA), DICOM series folders, folders "
                                                 "searched recursively, or a CSV manifest with columns id,path")
     train.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    train.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                       help="leave out scans (files or DICOM folders) whose name or path relative to a folder given "
+                            "matches GLOB (fnmatch style, * also matches /; e.g. '*_label.nrrd' or 'old/*'; repeatable)")
     train.add_argument("--k", type=int, default=None, help="number of clusters; omit to choose it over --k-range")
     train.add_argument("--k-range", type=int, nargs=2, default=(2, 8), metavar=("MIN", "MAX"),
                        help="k values to try when --k is omitted, chosen by silhouette (default: 2 8)")
@@ -132,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("model", type=Path, help="bundle folder written by `clam train` (e.g. models/clam-demo)")
     mp.add_argument("scans", nargs="+", help="image files, DICOM series folders, folders or a CSV manifest")
     mp.add_argument("--out", type=Path, required=True, help="output folder")
+    mp.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out scans (files or DICOM folders) whose name or path relative to a folder given "
+                        "matches GLOB (fnmatch style, * also matches /; e.g. '*_label.nrrd' or 'old/*'; repeatable)")
     mp.add_argument("--method", default="default",
                     choices=["default", "clam", "scorecam", "gradient", "occlusion"],
                     help="map method: default (the product's map) or clam (the paper's, faithful) and others")
@@ -181,56 +195,27 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Fit and save a bundle (under torchrun: every rank trains, rank 0 writes)."""
-    from tqdm.auto import tqdm
-
-    from .batch import checked_scan
+    """Fit and save a bundle (under torchrun: each rank preprocesses its share of the scans, all train, rank 0 writes)."""
     from .cohort import find_scans
     from .distributed import device_for, from_env, shutdown
     from .errors import InputError
     from .estimator import CLAMModel
-    from .imageio import read_image
     from .model import Architecture
-    from .preprocess import PreprocessConfig, Preprocessor
+    from .preprocess import PreprocessConfig
     from .qc import training_report
     from .train import TrainConfig
 
     ctx = from_env(args.device)
     try:
         device = device_for(ctx, args.device)
-        scans = find_scans(args.scans)
+        scans = find_scans(args.scans, exclude=args.exclude)
         report_dir = args.report or args.out / "report"
         checkpoint = args.checkpoint or args.out / "checkpoint"
         quiet = args.quiet or args.progress_json or not ctx.main
         ndim = _cohort_ndim(scans)
-        rows: list[dict] = []
-        good = []
-
-        def checked_images():
-            """Every usable scan's image, once, for fitting the preprocessing; bad scans are recorded."""
-            for scan in tqdm(scans, desc="checking scans", disable=quiet):
-                qc = report_dir / "qc" / f"{scan.id}.png" if ctx.main and not args.no_qc else None
-                try:
-                    image, volume = checked_scan(scan, ndim, qc)
-                except CLAMError as exc:
-                    rows.append({"id": scan.id, "status": "failed", "reason": str(exc).splitlines()[0]})
-                    print(f"clam train: skipping {scan.id}: {exc}", file=sys.stderr)
-                    continue
-                rows.append({"id": scan.id, "status": "ok", "lung_volume_l": round(volume, 3), "reason": ""})
-                good.append(scan)
-                yield image
-
         config = PreprocessConfig(grid=args.grid, ndim=ndim, register=args.register)
-        preprocessor = Preprocessor(config).fit(checked_images())
-        prepared, used = [], []
-        for scan in tqdm(good, desc="preprocessing", disable=quiet):
-            try:
-                prepared.append(preprocessor.transform(read_image(scan.path)))
-                used.append(scan)
-            except CLAMError as exc:
-                row = next(r for r in rows if r["id"] == scan.id)
-                row.update(status="failed", reason=str(exc).splitlines()[0])
-                print(f"clam train: skipping {scan.id}: {exc}", file=sys.stderr)
+        qc_dir = None if args.no_qc else report_dir / "qc"
+        preprocessor, used, prepared, rows = _prepare_cohort(scans, config, qc_dir, ctx, quiet)
         if not prepared:
             raise InputError("no usable scans: every scan failed its checks (see the messages above).")
         model = CLAMModel(
@@ -259,6 +244,62 @@ def cmd_train(args: argparse.Namespace) -> int:
         shutdown(ctx)
 
 
+def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Optional[Path], ctx: DistContext,
+                    quiet: bool) -> tuple[Preprocessor, list[Scan], list[Prepared], list[dict]]:
+    """Fit the preprocessing, prepare the usable scans and make a report row per scan (bad scans are left out).
+
+    Each rank reads and preprocesses only its shard of the scans and writes their QC pictures; every rank ends with
+    the same fitted preprocessor and all prepared scans in the cohort's order, as one process would.
+    """
+    from tqdm.auto import tqdm
+
+    from .batch import checked_scan
+    from .preprocess import Preprocessor
+
+    preprocessor = Preprocessor(config)
+
+    def skip(scan: Scan, exc: CLAMError) -> str:
+        """Say that a scan is left out and why; the first line of the reason."""
+        print(f"clam train: skipping {scan.id}: {exc}", file=sys.stderr)
+        return str(exc).splitlines()[0]
+
+    def gridded(scan: Scan) -> tuple[dict, Optional[Gridded]]:
+        """A scan's report row and, when it is usable, the scan on its model grid."""
+        qc = qc_dir / f"{scan.id}.png" if qc_dir is not None else None
+        try:
+            image, lungs, volume = checked_scan(scan, config.ndim, qc)
+            grid = preprocessor.to_grid(image, lungs)
+        except CLAMError as exc:
+            return {"id": scan.id, "status": "failed", "reason": skip(scan, exc)}, None
+        return {"id": scan.id, "status": "ok", "lung_volume_l": round(volume, 3), "reason": ""}, grid
+
+    def finished(scan: Scan, grid: Gridded) -> tuple[Optional[Prepared], str]:
+        """A gridded scan registered and normalised, or None and the reason it failed."""
+        try:
+            return preprocessor.finish(grid), ""
+        except CLAMError as exc:
+            return None, skip(scan, exc)
+
+    mine = ctx.shard(scans)
+    records = ctx.unshard([gridded(scan) for scan in tqdm(mine, desc="checking scans", disable=quiet)], len(scans))
+    preprocessor.fit_grids(grid for _, grid in records if grid is not None)
+    usable = [(scan, row, grid) for scan, (row, grid) in zip(scans, records) if grid is not None]
+    bar = tqdm(ctx.shard(usable), desc="preprocessing", disable=quiet)
+    outcomes = ctx.unshard([finished(scan, grid) for scan, _, grid in bar], len(usable))
+    used, prepared = [], []
+    for (scan, row, _), (done, reason) in zip(usable, outcomes):
+        if done is None:
+            row.update(status="failed", reason=reason)
+        else:
+            used.append(scan)
+            prepared.append(done)
+    if ctx.active:
+        names = ", ".join(s.id for s in mine[:5]) + (" ..." if len(mine) > 5 else "")
+        print(f"clam train: rank {ctx.rank} of {ctx.world} read and preprocessed {len(mine)} of {len(scans)} scans: "
+              f"{names}", file=sys.stderr)
+    return preprocessor, used, prepared, [row for row, _ in records]
+
+
 def _cohort_ndim(scans: list) -> int:
     """Dimension of the cohort's model: 2 when the first readable scan is one slice, else 3."""
     from .imageio import read_image
@@ -284,7 +325,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     try:
         device = device_for(ctx, args.device)
         model = load_bundle(args.model, device=device)
-        scans = find_scans(args.scans)
+        scans = find_scans(args.scans, exclude=args.exclude)
         mapper = CohortMapper(model, args.out, fmt=args.format, method=args.method, clusters=args.clusters,
                               qc=not args.no_qc, device=device, dist=ctx, verbose=not args.quiet)
         results = mapper.run(scans, redo=args.redo)

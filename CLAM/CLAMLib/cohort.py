@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Sequence, Union
 
 from .errors import InputError
 
@@ -63,21 +64,35 @@ def _from_manifest(path: Path) -> list[Scan]:
     return [Scan(r["id"].strip(), (path.parent / r["path"].strip()).resolve()) for r in rows]
 
 
-def find_scans(inputs: Iterable[Union[str, Path]]) -> list[Scan]:
-    """Scans named by files, DICOM series folders, folders searched recursively, or CSV manifests (id, path)."""
+def _excluded(scan: Scan, root: Path | None, exclude: Sequence[str]) -> bool:
+    """True when the scan's file or folder name, or its path under `root` (else as given), matches a pattern."""
+    shown = (scan.path.relative_to(root) if root is not None else scan.path).as_posix()
+    return any(fnmatch(scan.path.name, pattern) or fnmatch(shown, pattern) for pattern in exclude)
+
+
+def find_scans(inputs: Iterable[Union[str, Path]], exclude: Sequence[str] = ()) -> list[Scan]:
+    """Scans named by files, DICOM series folders, folders searched recursively, or CSV manifests (id, path).
+
+    Scans whose file or folder name, or path under a folder given, matches an `exclude` pattern (fnmatch style,
+    e.g. '*_label.nrrd') are left out.
+    """
     scans: list[Scan] = []
     for item in map(Path, inputs):
         if not item.exists():
             raise InputError(f"{item} does not exist; give image files, DICOM folders, folders of scans or a CSV.")
+        root = None
         if item.is_file() and item.suffix.lower() == ".csv":
-            scans.extend(_from_manifest(item))
+            found = _from_manifest(item)
         elif item.is_file():
-            scans.append(Scan(_scan_id(item, item.parent), item))
+            found = [Scan(_scan_id(item, item.parent), item)]
         else:
-            found = _from_folder(item)
+            found, root = _from_folder(item), item
             if not found:
                 raise InputError(f"no scans (NIfTI, NRRD, MHA or DICOM series) found under {item}.")
-            scans.extend(found)
+        scans.extend(scan for scan in found if not _excluded(scan, root, exclude))
+    if exclude and not scans:
+        raise InputError(f"no scans left: every scan found matches an exclude pattern "
+                         f"({', '.join(map(repr, exclude))}); loosen or remove the patterns.")
     ids = [s.id for s in scans]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

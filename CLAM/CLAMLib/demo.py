@@ -86,7 +86,7 @@ def _maps(net: ClusterNet, data: Prepped, labels: np.ndarray, method: str, seed:
 def _scenario(scenario: str, args: argparse.Namespace, ks: list[int], out: Path, bar: tqdm) -> dict[str, Any]:
     """Clustering and localisation rows for one scenario, plus its files."""
     bar.set_description(f"{scenario}: phantoms")
-    data = _prep(_cohort(scenario, args, args.anatomy_variation, args.seed), args.grid, "none")
+    data = _prep(_cohort(scenario, args, args.anatomy_variation, args.seed), args.grid, args.register)
     arch = Architecture(ndim=3, grid=args.grid, smooth=args.smooth)
     verbose = not args.quiet
     bar.set_description(f"{scenario}: pretraining")

@@ -8,6 +8,7 @@ DistributedSampler would reorder and pad the data (repeating samples), which cha
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,17 @@ class DistContext:
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's items: every world-th one from its rank on (each item on exactly one rank)."""
         return list(items[self.rank :: self.world])
+
+    def unshard(self, mine: Sequence[T], total: int) -> list[T]:
+        """The inverse of shard: all `total` items in their original order on every rank, gathered an item at a time."""
+        if not self.active:
+            return list(mine)
+        merged: list[T] = []
+        for i in range(math.ceil(total / self.world)):
+            box: list[Any] = [None] * self.world
+            dist.all_gather_object(box, mine[i] if i < len(mine) else None)
+            merged.extend(box)
+        return merged[:total]
 
     def share(self, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
         """This rank's contiguous part of a global batch and the loss weight that makes DDP's average the mean."""

@@ -124,15 +124,27 @@ class PreprocessConfig:
             raise InputError(f"register must be one of {', '.join(REGISTRATIONS)}, got {self.register!r}")
 
 
+@dataclass
+class LungMask:
+    """A CT's lung mask as preprocessing finds it: 0/255 uint8 at about 2 mm, the shrink factors, the CT's geometry."""
+
+    coarse: sitk.Image
+    factors: list[int]
+    source: Geometry
+
+    def full(self) -> sitk.Image:
+        """Binary lung mask (uint8) on the CT's own geometry."""
+        full = _resample(self.coarse, self.source, sitk.sitkLinear, 0, sitk.sitkUInt8)
+        return sitk.Cast(full > 127, sitk.sitkUInt8)
+
+
 def lung_mask(image: sitk.Image) -> sitk.Image:
     """Binary lung mask (uint8, the input's geometry) of a 2D or 3D chest CT in Hounsfield units."""
-    coarse, _ = _coarse_lung_mask(image)
-    full = _resample(coarse, Geometry.from_image(image), sitk.sitkLinear, 0, sitk.sitkUInt8)
-    return sitk.Cast(full > 127, sitk.sitkUInt8)
+    return find_lungs(image).full()
 
 
-def _coarse_lung_mask(image: sitk.Image) -> tuple[sitk.Image, list[int]]:
-    """Lung mask (0/255 uint8) on the image shrunk to about 2 mm voxels, and the shrink factors."""
+def find_lungs(image: sitk.Image) -> LungMask:
+    """The lungs of a 2D or 3D chest CT in Hounsfield units, at the resolution preprocessing works at."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("lung_mask needs a grey-scale CT; convert colour images to grey first")
     flat = image.GetDimension() == 2
@@ -147,7 +159,7 @@ def _coarse_lung_mask(image: sitk.Image) -> tuple[sitk.Image, list[int]]:
     mask = _lungs_from_air(air, spacing)
     coarse = sitk.GetImageFromArray((mask[0] if flat else mask).astype(np.uint8) * 255)
     coarse.CopyInformation(small)
-    return coarse, factors
+    return LungMask(coarse, factors, Geometry.from_image(image))
 
 
 class Preprocessor:
@@ -161,19 +173,18 @@ class Preprocessor:
 
     def fit(self, images: Iterable[sitk.Image]) -> Preprocessor:
         """Learn the cohort's normalisation constant and, when registering, its template."""
-        self._fit(self._to_grid(image) for image in images)
-        return self
+        return self.fit_grids(self.to_grid(image) for image in images)
 
     def fit_transform(self, images: Iterable[sitk.Image]) -> list[Prepared]:
         """Fit on the images and prepare each of them."""
-        grids = [self._to_grid(image) for image in images]
-        self._fit(grids)
-        return [self._finish(grid) for grid in grids]
+        grids = [self.to_grid(image) for image in images]
+        self.fit_grids(grids)
+        return [self.finish(grid) for grid in grids]
 
-    def transform(self, image: sitk.Image) -> Prepared:
-        """Prepare one CT for the model."""
+    def transform(self, image: sitk.Image, lungs: LungMask | None = None) -> Prepared:
+        """Prepare one CT for the model (with its lungs from find_lungs when already found)."""
         self._check_fitted()
-        return self._finish(self._to_grid(image))
+        return self.finish(self.to_grid(image, lungs))
 
     def to_native(self, grid_map: np.ndarray, prepared: Prepared) -> sitk.Image:
         """Float32 map on exactly the input image's geometry from a map on the model grid; zero outside the crop."""
@@ -253,27 +264,30 @@ class Preprocessor:
                 "Preprocessor is not fitted: call fit(images) on the cohort, or load it with from_state()"
             )
 
-    def _to_grid(self, image: sitk.Image) -> _Gridded:
-        """Check, mask, crop and resample one image onto its model grid (clipped HU)."""
+    def to_grid(self, image: sitk.Image, lungs: LungMask | None = None) -> Gridded:
+        """Check, mask, crop and resample one image onto its model grid (clipped HU); the first step of transform."""
         config = self.config
         check_image(image, config.ndim)
         work = _model_image(image, config.ndim)
-        coarse, factors = _coarse_lung_mask(work)
-        index, size = _lung_box(coarse, factors, work, config.margin_mm)
+        if lungs is None:
+            lungs = find_lungs(work)
+        elif lungs.source != Geometry.from_image(work):
+            raise InputError("the lung mask is of an image with another geometry; give find_lungs(image) of this image")
+        index, size = _lung_box(lungs.coarse, lungs.factors, work, config.margin_mm)
         grid = _grid_geometry(work, index, size, config.grid)
         crop = sitk.Clamp(
             sitk.RegionOfInterest(work, size, index), sitk.sitkFloat32, config.hu_min, config.hu_max
         )
-        crop = _outside_to_lung_mean(crop, coarse)
+        crop = _outside_to_lung_mean(crop, lungs.coarse)
         crop = _antialias(crop, grid.spacing)
         array = sitk.GetArrayFromImage(
             _resample(crop, grid, sitk.sitkLinear, config.hu_min, sitk.sitkFloat32)
         )
-        lung = sitk.GetArrayFromImage(_resample(coarse, grid, sitk.sitkLinear, 0.0, sitk.sitkFloat32)) > 127.5
-        return _Gridded(array, lung, Geometry.from_image(image), grid)
+        lung = sitk.GetArrayFromImage(_resample(lungs.coarse, grid, sitk.sitkLinear, 0.0, sitk.sitkFloat32)) > 127.5
+        return Gridded(array, lung, Geometry.from_image(image), grid)
 
-    def _fit(self, grids: Iterable[_Gridded]) -> None:
-        """Set the normalisation constant and the template from gridded images."""
+    def fit_grids(self, grids: Iterable[Gridded]) -> Preprocessor:
+        """Learn the normalisation constant and, when registering, the template from the cohort's to_grid results."""
         config = self.config
         scale, count, kept = -math.inf, 0, []
         for grid in grids:
@@ -296,9 +310,11 @@ class Preprocessor:
             template_lung = template > 0.5
         self.scale_ = scale
         self.template_ = None if template is None else _Template(template, template_lung)
+        return self
 
-    def _finish(self, grid: _Gridded) -> Prepared:
-        """Register (when configured) and normalise one gridded image."""
+    def finish(self, grid: Gridded) -> Prepared:
+        """Register (when configured) and normalise one to_grid result of a fitted preprocessor."""
+        self._check_fitted()
         config = self.config
         array, lung, transform = grid.array, grid.lung, None
         if self.template_ is not None:
@@ -324,7 +340,7 @@ class _Template:
 
 
 @dataclass
-class _Gridded:
+class Gridded:
     """An image on its model grid before registration and normalisation."""
 
     array: np.ndarray

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from CLAMLib import preprocess
 from CLAMLib.cli import main
 from CLAMLib.cohort import find_scans
+from CLAMLib.errors import InputError
 from CLAMLib.estimator import CLAMModel
 from CLAMLib.imageio import read_image
 from CLAMLib.train import TrainConfig
@@ -91,6 +93,34 @@ def test_rerun_skips_done_scans_and_redoes_unfinished_ones(cohort: dict, tmp_pat
     log = (out / "map.log").read_text()
     assert log.count("skipped: done earlier") == 2
     assert _rows(out) == before
+
+
+def test_map_finds_each_scans_lungs_once(cohort: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    searches = []
+    find = preprocess._lungs_from_air
+    monkeypatch.setattr(preprocess, "_lungs_from_air", lambda *a: searches.append(1) or find(*a))
+    scans = [str(p) for p in cohort["good"][:2]]
+    assert main(["map", str(cohort["bundle"]), *scans, "--out", str(tmp_path / "maps"), "--device", "cpu",
+                 "--quiet"]) == 0
+    assert len(searches) == 2  # the lung volume, the QC picture and the model input share one lung mask
+
+
+def test_find_scans_excludes_names_and_paths(cohort: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "cohort"
+    for name in ("a.nrrd", "a_label.nrrd", "sub/b.nrrd", "sub/b_label.nrrd", "sub/old/c.nrrd"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(cohort["good"][0].read_bytes())
+    assert len(find_scans([folder])) == 5
+    assert [s.id for s in find_scans([folder], exclude=["*_label.nrrd"])] == ["a", "sub_b", "sub_old_c"]
+    assert [s.id for s in find_scans([folder], exclude=["*_label.nrrd", "sub/old/*"])] == ["a", "sub_b"]
+    assert [s.id for s in find_scans([folder / "a.nrrd", folder / "a_label.nrrd"], exclude=["*_label*"])] == ["a"]
+    with pytest.raises(InputError, match=r"no scans left.*'\*\.nrrd'"):
+        find_scans([folder], exclude=["*.nrrd"])
+    out = tmp_path / "maps"
+    assert main(["map", str(cohort["bundle"]), str(folder), "--exclude", "*_label.nrrd", "--exclude", "*/old/*",
+                 "--out", str(out), "--device", "cpu", "--quiet", "--no-qc"]) == 0
+    assert set(_rows(out)) == {"a", "sub_b"}
+    assert main(["map", str(cohort["bundle"]), str(folder), "--exclude", "*.nrrd", "--out", str(out)]) == 2
 
 
 def test_find_scans_folder_dicom_and_manifest(cohort: dict, tmp_path: Path) -> None:

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from CLAMLib import preprocess
+from CLAMLib.cli import main
+from CLAMLib.estimator import CLAMModel
+from CLAMLib.imageio import read_image
+from CLAMLib.preprocess import PreprocessConfig, Preprocessor, lung_mask
+from CLAMLib.qc import lung_volume_litres
 from CLAMLib.train import EXIT_AFTER_BATCHES_ENV, EXIT_CODE
 from cohort_data import TRAIN_ARGS, run_clam, write_phantoms
 from safetensors.torch import load_file
@@ -39,6 +47,31 @@ def test_training_report_and_qc(reference: Path) -> None:
     assert not (reference / "checkpoint").exists()  # removed once the bundle is written
     rows = json.loads((report / "report.json").read_text())["scans"]
     assert all(r["status"] == "ok" and 2 < r["lung_volume_l"] < 8 for r in rows)
+
+
+def test_training_reads_each_scan_once_and_prepares_it_as_before(scans: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cohort = tmp_path / "cohort"
+    shutil.copytree(scans, cohort)
+    paths = sorted(cohort.glob("*.nrrd"))
+    shutil.copy(paths[0], cohort / "extra_label.nrrd")  # would be trained on without --exclude
+    searches = []
+    find = preprocess._lungs_from_air
+    monkeypatch.setattr(preprocess, "_lungs_from_air", lambda *a: searches.append(1) or find(*a))
+    out = tmp_path / "bundle"
+    assert main(["train", str(cohort), "--exclude", "*_label.nrrd", "--out", str(out),
+                 *[a for a in TRAIN_ARGS if a != "--no-qc"]]) == 0
+    assert len(searches) == len(paths)  # QC, lung volume, fit and transform share one lung mask per scan
+    monkeypatch.undo()
+    images = [read_image(p) for p in paths]
+    expected = Preprocessor(PreprocessConfig(grid=16)).fit(images)
+    arrays = np.stack([expected.transform(image).array for image in images])
+    model = CLAMModel.load(out)
+    assert model.preprocessor_.scale_ == expected.scale_
+    assert np.array_equal(model.cohort_mean_, arrays.mean(0).astype(np.float32))
+    rows = json.loads((out / "report" / "report.json").read_text())["scans"]
+    assert [r["id"] for r in rows] == [p.stem for p in paths]
+    assert [r["lung_volume_l"] for r in rows] == [round(lung_volume_litres(lung_mask(im)), 3) for im in images]
 
 
 def test_interrupted_training_resumes_to_the_same_weights(scans: Path, reference: Path, tmp_path: Path) -> None:
@@ -83,8 +116,19 @@ def test_resume_refuses_a_checkpoint_of_other_settings(scans: Path, tmp_path: Pa
 def test_two_gloo_ranks_match_one_process_and_map_each_scan_once(scans: Path, reference: Path,
                                                                  tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    done = run_clam(["train", str(scans), "--out", str(out), *TRAIN_ARGS], torchrun=2)
+    done = run_clam(["train", str(scans), "--out", str(out), *[a for a in TRAIN_ARGS if a != "--no-qc"]], torchrun=2)
     assert done.returncode == 0, done.stderr[-3000:]
+    shares = dict(re.findall(r"rank (\d) of 2 read and preprocessed 4 of 8 scans: (.*)", done.stderr))
+    assert sorted(shares) == ["0", "1"], done.stderr[-3000:]  # each rank read its half of the scans
+    halves = [set(shares[r].split(", ")) for r in ("0", "1")]
+    assert not halves[0] & halves[1] and halves[0] | halves[1] == {p.stem for p in scans.glob("*.nrrd")}
+    assert len(list((out / "report" / "qc").glob("*.png"))) == 8  # each rank drew its scans' QC pictures
+    rows = json.loads((out / "report" / "report.json").read_text())["scans"]
+    assert rows == json.loads((reference / "report" / "report.json").read_text())["scans"]
+    assert json.loads((out / "model.json").read_text())["preprocess"] == \
+        json.loads((reference / "model.json").read_text())["preprocess"]
+    mean = load_file(str(out / "model.safetensors"))["extra.cohort_mean"]
+    assert torch.equal(mean, load_file(str(reference / "model.safetensors"))["extra.cohort_mean"])  # same inputs
     single = json.loads((reference / "model.json").read_text())["training"]
     multi = json.loads((out / "model.json").read_text())["training"]
     assert multi["labels"] == single["labels"]

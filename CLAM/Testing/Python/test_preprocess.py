@@ -15,6 +15,7 @@ from CLAMLib.preprocess import (
     NotFittedError,
     PreprocessConfig,
     Preprocessor,
+    find_lungs,
     lung_mask,
 )
 
@@ -149,6 +150,18 @@ def test_lung_mask_2d_and_no_lungs():
     body = sitk.GetImageFromArray(values)
     with pytest.raises(InputError, match="no lungs found"):
         lung_mask(body)
+
+
+def test_lungs_found_once_prepare_the_same_as_found_again(cohort):
+    processor = Preprocessor(PreprocessConfig(grid=32)).fit(cohort)
+    image = cohort[3]
+    lungs = find_lungs(image)
+    assert sitk.GetArrayViewFromImage(lungs.full()).tobytes() == sitk.GetArrayViewFromImage(lung_mask(image)).tobytes()
+    given, found = processor.transform(image, lungs), processor.transform(image)
+    assert np.array_equal(given.array, found.array) and np.array_equal(given.lung, found.lung)
+    assert (given.native, given.grid) == (found.native, found.grid)
+    with pytest.raises(InputError, match="another geometry"):
+        processor.transform(chest(origin=(-80.0, 40.0, 300.0)), lungs)
 
 
 def test_config_is_checked():

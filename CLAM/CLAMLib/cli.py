@@ -236,7 +236,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             Checkpoint(checkpoint).remove()
             failed = [r["id"] for r in rows if r["status"] != "ok"]
-            print(f"bundle written to {path} (k={model.k}, cluster sizes {model.summary_.cluster_sizes}); "
+            print(f"bundle written to {path} (k={model.k}, cluster sizes {model.summary_.cluster_sizes}, "
+                  f"autoencoder R^2 {model.summary_.reconstruction_r2:.2f}); "
                   f"report in {report_dir}" + (f"; skipped {len(failed)} bad scans: {failed}" if failed else ""),
                   file=sys.stderr)
         return 0

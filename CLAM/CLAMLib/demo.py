@@ -237,12 +237,13 @@ def _markdown(results: dict[str, Any]) -> str:
     for r in results["clustering"]:
         lines.append(f"| {r['scenario']} | {r['k']} | {r['accuracy']:.3f} | {r['ari']:.3f} | {r['nmi']:.3f} | "
                      f"{r['cluster_sizes']} |")
-    lines += ["", f"Restarts at k = {TRUE_K}: silhouette of each autoencoder's k-means partition (the highest is kept, *).",
+    lines += ["", f"Restarts at k = {TRUE_K}: silhouette of each autoencoder's k-means partition (the highest is kept, *) "
+              "and the share of the subjects' variation about their mean that the autoencoder reconstructs (R^2).",
               "", "| scenario | " + " | ".join(f"seed {r['seed']}" for r in next(iter(results["restarts"].values())))
               + " |", "|---|" + "---|" * s["restarts"]]
     for scenario, rows in results["restarts"].items():
         lines.append(f"| {scenario} | " + " | ".join(f"{r['silhouette']:.3f}" + ("*" if r["best"] else "")
-                                                     for r in rows) + " |")
+                                                     + f" (R^2 {r['reconstruction_r2']:.2f})" for r in rows) + " |")
     lines += ["", "## Localisation of the assigned cluster's map (inside the lungs)", "",
               f"Pointing game tolerance: one voxel of the activation grid ({s['tolerance']} model voxels). "
               "Mass ratio: share of map mass in the lesion over the lesion's share of the lung (1 = chance).", "",

@@ -143,6 +143,8 @@ def training_report(summary: Any, folder: str | Path, scans: Sequence[dict] = ()
     lines = ["# CLAM training report", "", f"- scans: {s.get('n_subjects')}, k: {s.get('k')}, device: {s.get('device')}",
              f"- cluster sizes: {sizes}", (f"- silhouette after k-means {_fmt(s.get('silhouette_kmeans'))}, final "
              f"{_fmt(s.get('silhouette_final'))}; fine-tuning {'kept' if s.get('finetune_kept') else 'rolled back'}"),
+             (f"- autoencoder: reconstructs {_fmt(s.get('reconstruction_r2'))} of how the scans differ from their "
+              "mean (R^2; near 0 means it learnt little beyond the mean scan)"),
              f"- training time: {_fmt(s.get('seconds'))} s", "", "## k selection (highest silhouette)", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in table]

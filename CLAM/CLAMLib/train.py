@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -73,6 +74,7 @@ class TrainSummary:
     restarts: list[dict] = field(default_factory=list)
     silhouette_kmeans: float = float("nan")
     silhouette_final: float = float("nan")  # of the final labels, in the k-means start's embedding
+    reconstruction_r2: float = float("nan")  # of the kept autoencoder before fine-tuning: see reconstruction_r2
     finetune_kept: bool = True
     kmeans_labels: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
@@ -135,6 +137,23 @@ def embed(net: ClusterNet, x: torch.Tensor, device: torch.device, batch_size: in
     """Raw embeddings z of every input, on the CPU."""
     net.eval()
     return torch.cat([net.encoder(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+
+
+LOW_RECONSTRUCTION = 0.1
+"""Below this share of the cohort's variation reconstructed, an autoencoder has learnt little beyond the mean scan."""
+
+
+@torch.no_grad()
+def reconstruction_r2(net: ClusterNet, x: torch.Tensor, device: torch.device, batch_size: int = 32) -> float:
+    """Share of how the inputs differ from their mean that the autoencoder reconstructs (1 - SSE / SS about the mean)."""
+    net.eval()
+    def batches():
+        return (x[i : i + batch_size].to(device) for i in range(0, len(x), batch_size))
+
+    mean = sum(_target(net, xb).sum(0) for xb in batches()) / len(x)
+    sse = sum(float((net.decoder(net.encoder(xb)) - _target(net, xb)).pow(2).sum()) for xb in batches())
+    total = sum(float((_target(net, xb) - mean).pow(2).sum()) for xb in batches())
+    return 1.0 - sse / total if total > 0 else float("nan")
 
 
 def _silhouette(z: np.ndarray, labels: np.ndarray) -> float:
@@ -461,7 +480,8 @@ class Trainer:
             zn = _normalise_latent(candidate.net, z.to(self.device)).cpu().numpy()
         k, table, fits = choose_k(zn, k_values, candidate.seed)
         row = next(r for r in table if r["k"] == k)
-        return {"candidate": candidate, "k": k, "table": table, "kmeans": fits[k], "silhouette": row["silhouette"]}
+        return {"candidate": candidate, "k": k, "table": table, "kmeans": fits[k], "silhouette": row["silhouette"],
+                "reconstruction_r2": reconstruction_r2(candidate.net, x, self.device)}
 
     def _best_restart(self, x: torch.Tensor, k_values: range,
                       given: Optional[list[Pretrained]]) -> tuple[dict[str, Any], list[dict]]:
@@ -499,8 +519,8 @@ class Trainer:
             scored = self._scored(candidate, x, k_values)
             if better(scored, best):
                 best = scored
-            rows.append({"restart": r, "seed": candidate.seed, "k": scored["k"],
-                         "silhouette": scored["silhouette"], "best": False})
+            rows.append({"restart": r, "seed": candidate.seed, "k": scored["k"], "silhouette": scored["silhouette"],
+                         "reconstruction_r2": scored["reconstruction_r2"], "best": False})
             for row in rows:
                 row["best"] = row["seed"] == best["candidate"].seed
         return best, rows
@@ -562,8 +582,13 @@ class Trainer:
         if not kept:
             final.load_state_dict(start_state)
             labels = km_labels.copy()
+        r2 = float(next(r for r in restarts if r["best"]).get("reconstruction_r2", float("nan")))
+        if r2 < LOW_RECONSTRUCTION:
+            warnings.warn(f"the autoencoder reconstructs only {r2:.0%} of how the scans differ from their mean: it has "
+                          "learnt little beyond the mean scan, so the clusters may follow noise; pretrain for more "
+                          "epochs (clam train --epochs) or give more scans", stacklevel=2)
         summary = TrainSummary(
-            k=k, n_subjects=n, device=str(self.device), pretrain_loss=pretrain_loss, finetune_loss=finetune_loss,
+            k=k, n_subjects=n, reconstruction_r2=r2, device=str(self.device), pretrain_loss=pretrain_loss, finetune_loss=finetune_loss,
             k_table=table, restarts=restarts, silhouette_kmeans=sil_start, silhouette_final=sil_end if kept else sil_start,
             finetune_kept=kept, kmeans_labels=km_labels.tolist(), labels=[int(v) for v in labels],
             cluster_sizes=np.bincount(labels, minlength=k).tolist(), seconds=time.perf_counter() - start,

@@ -6,7 +6,7 @@ import torch
 from CLAMLib.errors import InputError
 from CLAMLib.metrics import cluster_accuracy
 from CLAMLib.model import Architecture
-from CLAMLib.train import TrainConfig, Trainer, target_distribution
+from CLAMLib.train import LOW_RECONSTRUCTION, TrainConfig, Trainer, reconstruction_r2, target_distribution
 
 ARCH = Architecture(ndim=2, grid=16, filters=(4, 8, 8), embedding=6)
 
@@ -140,3 +140,22 @@ def test_input_smoothing_is_a_fixed_gaussian_in_front_of_the_encoder() -> None:
     images, _ = blobs(6, [(4, 4), (11, 11)])
     _, s = Trainer(replace(ARCH, smooth=1.5), config(finetune_epochs=2), verbose=False).fit(images)
     assert len(s.labels) == 12 and s.pretrain_loss[-1] < s.pretrain_loss[0]
+
+
+def test_reconstruction_r2_measures_what_the_autoencoder_learnt_and_warns_when_little() -> None:
+    x, _ = blobs(10, [(4, 4), (11, 11)], noise=0.05)
+    xb = torch.as_tensor(x)[:, None]
+    net, s = Trainer(ARCH, config(pretrain_epochs=60), verbose=False).fit(x)
+    kept = next(r for r in s.restarts if r["best"])
+    assert s.reconstruction_r2 == kept["reconstruction_r2"]
+    # the kept restart's value is 1 - SSE / SS about the mean, of its pretrained autoencoder
+    pretrained = Trainer(ARCH, config(pretrain_epochs=60), verbose=False).pretrained(x)[0].net
+    with torch.no_grad():
+        sse = float((pretrained.decoder(pretrained.encoder(xb)) - xb).pow(2).sum())
+        ss = float((xb - xb.mean(0)).pow(2).sum())
+    assert s.reconstruction_r2 == pytest.approx(1 - sse / ss, rel=1e-4)
+    assert reconstruction_r2(pretrained, xb, torch.device("cpu"), batch_size=3) == pytest.approx(1 - sse / ss, rel=1e-4)
+    assert s.reconstruction_r2 > 0.3
+    with pytest.warns(UserWarning, match="learnt little beyond the mean scan"):
+        _, short = Trainer(ARCH, config(pretrain_epochs=1, lr=1e-5), verbose=False).fit(x)
+    assert short.reconstruction_r2 < LOW_RECONSTRUCTION

@@ -225,7 +225,7 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         f"Grid {s['grid']}^3, {s['subjects_per_cluster']} subjects per cluster, true k = {TRUE_K}, seed {s['seed']}, "
         f"anatomy variation {s['anatomy_variation']:g}, input smoothing sigma {s['smooth']:g} voxels, {s['restarts']} autoencoder "
-        f"restarts; {s['seconds']:.0f} s on {s['machine']}.",
+        f"restarts, registration {s['register']}; {s['seconds']:.0f} s on {s['machine']}.",
         "Subjects: " + (f"deformed copies of the real CT {s['base']} with inserted lesions." if s["base"]
                         else "simulated chest phantoms."),
         "",
@@ -288,7 +288,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "grid": args.grid, "subjects_per_cluster": args.subjects, "seed": args.seed,
         "anatomy_variation": args.anatomy_variation, "base": str(args.base) if args.base else None,
         "scenarios": scenarios, "k_values": ks, "true_k": TRUE_K, "restarts": args.restarts,
-        "smooth": args.smooth,
+        "smooth": args.smooth, "register": args.register,
         "default_method": DEFAULT_METHOD, "tolerance": args.grid // Architecture(grid=args.grid).feature_grid,
         "seconds": time.perf_counter() - start, "machine": f"{platform.machine()} {platform.system()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}", "python": sys.version.split()[0],

@@ -18,6 +18,7 @@ def test_demo_writes_table_maps_and_figures(tmp_path, capsys) -> None:
     assert settings["smooth"] == DEMO_SMOOTH and settings["restarts"] == 2
     restarts = results["restarts"]["size"]
     assert [r["seed"] for r in restarts] == [0, 1] and sum(r["best"] for r in restarts) == 1
+    assert settings["register"] == "none" and all(r["reconstruction_r2"] <= 1.0 for r in restarts)
     row = results["clustering"][0]
     assert row["scenario"] == "size" and row["k"] == 2 and 0.5 <= row["accuracy"] <= 1.0
     assert row["restart_seed"] == next(r["seed"] for r in restarts if r["best"])
@@ -36,6 +37,20 @@ def test_demo_writes_table_maps_and_figures(tmp_path, capsys) -> None:
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     assert card["architecture"]["smooth"] == DEMO_SMOOTH
     assert "results.md" in capsys.readouterr().out
+
+
+def test_demo_registers_to_the_lung_template_when_asked(tmp_path) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--subjects", "3", "--epochs", "2", "--grid", "16", "--register", "affine",
+                 "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["register"] == "affine" and "registration affine" in (out / "results.md").read_text()
+    subject = out / "maps" / "size" / "size-000"
+    ct = sitk.ReadImage(str(subject / "ct.nrrd"))
+    (overlay,) = subject.glob("ig_cluster*.nrrd")
+    m = sitk.ReadImage(str(overlay))
+    assert m.GetSize() == ct.GetSize() and m.GetOrigin() == ct.GetOrigin()
+    assert 0.0 < sitk.GetArrayViewFromImage(m).max() <= 1.0
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["map"]])

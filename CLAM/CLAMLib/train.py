@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -137,10 +136,6 @@ def embed(net: ClusterNet, x: torch.Tensor, device: torch.device, batch_size: in
     """Raw embeddings z of every input, on the CPU."""
     net.eval()
     return torch.cat([net.encoder(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
-
-
-LOW_RECONSTRUCTION = 0.1
-"""Below this share of the cohort's variation reconstructed, an autoencoder has learnt little beyond the mean scan."""
 
 
 @torch.no_grad()
@@ -583,14 +578,10 @@ class Trainer:
             final.load_state_dict(start_state)
             labels = km_labels.copy()
         r2 = float(next(r for r in restarts if r["best"]).get("reconstruction_r2", float("nan")))
-        if r2 < LOW_RECONSTRUCTION:
-            warnings.warn(f"the autoencoder reconstructs only {r2:.0%} of how the scans differ from their mean: it has "
-                          "learnt little beyond the mean scan, so the clusters may follow noise; pretrain for more "
-                          "epochs (clam train --epochs) or give more scans", stacklevel=2)
         summary = TrainSummary(
-            k=k, n_subjects=n, reconstruction_r2=r2, device=str(self.device), pretrain_loss=pretrain_loss, finetune_loss=finetune_loss,
+            k=k, n_subjects=n, device=str(self.device), pretrain_loss=pretrain_loss, finetune_loss=finetune_loss,
             k_table=table, restarts=restarts, silhouette_kmeans=sil_start, silhouette_final=sil_end if kept else sil_start,
-            finetune_kept=kept, kmeans_labels=km_labels.tolist(), labels=[int(v) for v in labels],
+            reconstruction_r2=r2, finetune_kept=kept, kmeans_labels=km_labels.tolist(), labels=[int(v) for v in labels],
             cluster_sizes=np.bincount(labels, minlength=k).tolist(), seconds=time.perf_counter() - start,
         )
         self._report(1.0, "done", f"k={k}, cluster sizes {summary.cluster_sizes}")

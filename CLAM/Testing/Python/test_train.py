@@ -6,7 +6,7 @@ import torch
 from CLAMLib.errors import InputError
 from CLAMLib.metrics import cluster_accuracy
 from CLAMLib.model import Architecture
-from CLAMLib.train import LOW_RECONSTRUCTION, TrainConfig, Trainer, reconstruction_r2, target_distribution
+from CLAMLib.train import TrainConfig, Trainer, reconstruction_r2, target_distribution
 
 ARCH = Architecture(ndim=2, grid=16, filters=(4, 8, 8), embedding=6)
 
@@ -142,7 +142,7 @@ def test_input_smoothing_is_a_fixed_gaussian_in_front_of_the_encoder() -> None:
     assert len(s.labels) == 12 and s.pretrain_loss[-1] < s.pretrain_loss[0]
 
 
-def test_reconstruction_r2_measures_what_the_autoencoder_learnt_and_warns_when_little() -> None:
+def test_reconstruction_r2_measures_what_the_autoencoder_learnt() -> None:
     x, _ = blobs(10, [(4, 4), (11, 11)], noise=0.05)
     xb = torch.as_tensor(x)[:, None]
     net, s = Trainer(ARCH, config(pretrain_epochs=60), verbose=False).fit(x)
@@ -156,6 +156,5 @@ def test_reconstruction_r2_measures_what_the_autoencoder_learnt_and_warns_when_l
     assert s.reconstruction_r2 == pytest.approx(1 - sse / ss, rel=1e-4)
     assert reconstruction_r2(pretrained, xb, torch.device("cpu"), batch_size=3) == pytest.approx(1 - sse / ss, rel=1e-4)
     assert s.reconstruction_r2 > 0.3
-    with pytest.warns(UserWarning, match="learnt little beyond the mean scan"):
-        _, short = Trainer(ARCH, config(pretrain_epochs=1, lr=1e-5), verbose=False).fit(x)
-    assert short.reconstruction_r2 < LOW_RECONSTRUCTION
+    _, short = Trainer(ARCH, config(pretrain_epochs=1, lr=1e-5), verbose=False).fit(x)
+    assert short.reconstruction_r2 < 0.1 < s.reconstruction_r2

@@ -296,8 +296,9 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
             prepared.append(done)
     if ctx.active:
         names = ", ".join(s.id for s in mine[:5]) + (" ..." if len(mine) > 5 else "")
-        print(f"clam train: rank {ctx.rank} of {ctx.world} read and preprocessed {len(mine)} of {len(scans)} scans: "
-              f"{names}", file=sys.stderr)
+        # one write per line, so that the ranks' lines do not interleave on a shared stderr
+        sys.stderr.write(f"clam train: rank {ctx.rank} of {ctx.world} read and preprocessed {len(mine)} of "
+                         f"{len(scans)} scans: {names}\n")
     return preprocessor, used, prepared, [row for row, _ in records]
 
 

@@ -31,7 +31,7 @@ from .cohort import Scan
 from .distributed import SINGLE, DistContext
 from .errors import CLAMError, InputError
 from .imageio import atomic_path, check_image, read_image, write_image
-from .preprocess import LungMask, find_lungs
+from .preprocess import LUNG_CLOSING_MM, LungMask, find_lungs
 from .qc import lung_volume_litres, map_picture, qc_picture
 
 FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
@@ -56,7 +56,8 @@ class ScanResult:
         return dict(self.__dict__)
 
 
-def checked_scan(scan: Scan, ndim: int, qc_path: Path | None = None) -> tuple[sitk.Image, LungMask | None, float]:
+def checked_scan(scan: Scan, ndim: int, qc_path: Path | None = None,
+                 closing_mm: float = LUNG_CLOSING_MM) -> tuple[sitk.Image, LungMask | None, float]:
     """Read a scan, check it suits an `ndim`-D model and has lungs; write its QC picture; return it, lungs and litres.
 
     The lungs (None for a 2D model) go to Preprocessor.transform or to_grid, which then need not find them again.
@@ -65,7 +66,7 @@ def checked_scan(scan: Scan, ndim: int, qc_path: Path | None = None) -> tuple[si
     check_image(image, ndim)
     if ndim != 3:
         return image, None, float("nan")
-    lungs = find_lungs(image)
+    lungs = find_lungs(image, closing_mm)
     mask = lungs.full()
     volume = lung_volume_litres(mask)
     if qc_path is not None:
@@ -149,7 +150,8 @@ class CohortMapper:
 
         model = self.model
         (folder / DONE).unlink(missing_ok=True)
-        image, lungs, volume = checked_scan(scan, model.architecture.ndim, folder / "qc.png" if self.qc else None)
+        image, lungs, volume = checked_scan(scan, model.architecture.ndim, folder / "qc.png" if self.qc else None,
+                                            model.preprocessor_.config.closing_mm)
         prepared = model.preprocessor_.transform(image, lungs)
         del image  # the largest object; maps are resampled from the prepared geometry alone
         q, maps = model.explain([prepared], self.method, self.device)

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 RESTARTS = 1
 """Autoencoder restarts of `clam demo` and `clam train`, as TrainConfig.restarts."""
+LUNG_CLOSING = 6.0
+"""Radius (mm) of the lung mask's closing in `clam demo` and `clam train`, as PreprocessConfig.closing_mm."""
 DEMO_SMOOTH = 1.5
 """Input smoothing of `clam demo` (Architecture.smooth, model-grid voxels)."""
 
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base", type=Path, default=None, metavar="CT",
                       help="use a real chest CT (HU) as base anatomy: each subject is a randomly deformed copy "
                            "with intensity jitter and inserted lesions (the semi-synthetic benchmark)")
+    demo.add_argument("--lung-closing", type=float, default=LUNG_CLOSING, metavar="MM",
+                      help=f"radius of the lung mask's closing in mm (default: {LUNG_CLOSING:g}); about 20 also takes in solid "
+                           "lesions touching the pleura or diaphragm")
     demo.add_argument("--register", choices=["none", "affine", "bspline"], default="none",
                       help="register every subject's lungs to the cohort's lung template before clustering "
                            "(default: none)")
@@ -106,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grid", type=int, default=88, help="model grid side, a multiple of 8 (default: 88)")
     train.add_argument("--register", choices=["none", "affine", "bspline"], default="none",
                        help="register scans to a template built from the cohort (default: none)")
+    train.add_argument("--lung-closing", type=float, default=LUNG_CLOSING, metavar="MM",
+                       help=f"radius of the lung mask's closing in mm (default: {LUNG_CLOSING:g}); about 20 also takes in solid "
+                            "lesions touching the pleura or diaphragm, with some tissue of the lungs' recesses")
     train.add_argument("--epochs", type=int, default=60, help="autoencoder pretraining epochs (default: 60)")
     train.add_argument("--smooth", type=float, default=0.0,
                        help="sigma, in model-grid voxels, of a fixed Gaussian in front of the encoder; tolerates "
@@ -213,7 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint = args.checkpoint or args.out / "checkpoint"
         quiet = args.quiet or args.progress_json or not ctx.main
         ndim = _cohort_ndim(scans)
-        config = PreprocessConfig(grid=args.grid, ndim=ndim, register=args.register)
+        config = PreprocessConfig(grid=args.grid, ndim=ndim, register=args.register, closing_mm=args.lung_closing)
         qc_dir = None if args.no_qc else report_dir / "qc"
         preprocessor, used, prepared, rows = _prepare_cohort(scans, config, qc_dir, ctx, quiet)
         if not prepared:
@@ -268,7 +276,7 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
         """A scan's report row and, when it is usable, the scan on its model grid."""
         qc = qc_dir / f"{scan.id}.png" if qc_dir is not None else None
         try:
-            image, lungs, volume = checked_scan(scan, config.ndim, qc)
+            image, lungs, volume = checked_scan(scan, config.ndim, qc, config.closing_mm)
             grid = preprocessor.to_grid(image, lungs)
         except CLAMError as exc:
             return {"id": scan.id, "status": "failed", "reason": skip(scan, exc)}, None

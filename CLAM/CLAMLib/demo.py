@@ -57,9 +57,9 @@ def _cohort(scenario: str, args: argparse.Namespace, variation: float, seed: int
                        params=_scenario_params(scenario, args), base=base)
 
 
-def _prep(cohort: Cohort, grid: int, register: str) -> Prepped:
+def _prep(cohort: Cohort, grid: int, register: str, closing_mm: float) -> Prepped:
     images = [s.image for s in cohort.subjects]
-    pre = Preprocessor(PreprocessConfig(grid=grid, ndim=3, register=register))
+    pre = Preprocessor(PreprocessConfig(grid=grid, ndim=3, register=register, closing_mm=closing_mm))
     prepared = pre.fit_transform(images)
     lesions = np.stack([pre.grid_mask(s.lesion, p) for s, p in zip(cohort.subjects, prepared)])
     return Prepped(cohort, pre, prepared, np.stack([p.array for p in prepared]), lesions,
@@ -86,7 +86,8 @@ def _maps(net: ClusterNet, data: Prepped, labels: np.ndarray, method: str, seed:
 def _scenario(scenario: str, args: argparse.Namespace, ks: list[int], out: Path, bar: tqdm) -> dict[str, Any]:
     """Clustering and localisation rows for one scenario, plus its files."""
     bar.set_description(f"{scenario}: phantoms")
-    data = _prep(_cohort(scenario, args, args.anatomy_variation, args.seed), args.grid, args.register)
+    data = _prep(_cohort(scenario, args, args.anatomy_variation, args.seed), args.grid, args.register,
+                 args.lung_closing)
     arch = Architecture(ndim=3, grid=args.grid, smooth=args.smooth)
     verbose = not args.quiet
     bar.set_description(f"{scenario}: pretraining")
@@ -210,7 +211,7 @@ def _sweep(args: argparse.Namespace, bar: tqdm) -> list[dict[str, Any]]:
         cohort = _cohort("location", args, level, args.seed + 1000)
         for register in ("none", "affine"):
             bar.set_description(f"sweep: variation {level:g}, registration {register}")
-            data = _prep(cohort, args.grid, register)
+            data = _prep(cohort, args.grid, register, args.lung_closing)
             _, summary = Trainer(arch, _config(args, TRUE_K), verbose=False).fit(data.arrays)
             rows.append({"scenario": "location", "anatomy_variation": level, "register": register,
                          **clustering_scores(data.cohort.labels, np.array(summary.labels))})
@@ -288,7 +289,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "grid": args.grid, "subjects_per_cluster": args.subjects, "seed": args.seed,
         "anatomy_variation": args.anatomy_variation, "base": str(args.base) if args.base else None,
         "scenarios": scenarios, "k_values": ks, "true_k": TRUE_K, "restarts": args.restarts,
-        "smooth": args.smooth, "register": args.register,
+        "smooth": args.smooth, "register": args.register, "lung_closing_mm": args.lung_closing,
         "default_method": DEFAULT_METHOD, "tolerance": args.grid // Architecture(grid=args.grid).feature_grid,
         "seconds": time.perf_counter() - start, "machine": f"{platform.machine()} {platform.system()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}", "python": sys.version.split()[0],

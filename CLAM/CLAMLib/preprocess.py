@@ -34,7 +34,7 @@ from .imageio import check_image
 
 _MASK_SPACING_MM = 2.0  # working resolution of lung_mask
 _AIR_HU = -400.0  # voxels below this count as air
-_CLOSING_MM = 6.0  # radius of the closing that takes vessels and the hila into the lung mask
+LUNG_CLOSING_MM = 6.0  # default radius of the closing that takes vessels and the hila into the lung mask
 _AIRWAY_AREA_MM2 = 600.0  # trachea and main bronchi cross-sections are smaller than this
 _AIRWAY_BAND = 0.15  # fraction of the lungs' width either side of their centre where airways lie
 _KEEP_FRACTION = 0.1  # air components at least this fraction of the largest count as lung
@@ -107,6 +107,7 @@ class PreprocessConfig:
     margin_mm: float = 10.0
     register: str = "none"
     centre: bool = True
+    closing_mm: float = LUNG_CLOSING_MM
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work."""
@@ -122,6 +123,8 @@ class PreprocessConfig:
             raise InputError(f"margin_mm must be 0 or more, got {self.margin_mm}")
         if self.register not in REGISTRATIONS:
             raise InputError(f"register must be one of {', '.join(REGISTRATIONS)}, got {self.register!r}")
+        if not (math.isfinite(self.closing_mm) and self.closing_mm >= 0):
+            raise InputError(f"closing_mm must be 0 or more (mm), got {self.closing_mm}; the default is {LUNG_CLOSING_MM:g}")
 
 
 @dataclass
@@ -131,6 +134,7 @@ class LungMask:
     coarse: sitk.Image
     factors: list[int]
     source: Geometry
+    closing_mm: float = LUNG_CLOSING_MM
 
     def full(self) -> sitk.Image:
         """Binary lung mask (uint8) on the CT's own geometry."""
@@ -138,13 +142,17 @@ class LungMask:
         return sitk.Cast(full > 127, sitk.sitkUInt8)
 
 
-def lung_mask(image: sitk.Image) -> sitk.Image:
+def lung_mask(image: sitk.Image, closing_mm: float = LUNG_CLOSING_MM) -> sitk.Image:
     """Binary lung mask (uint8, the input's geometry) of a 2D or 3D chest CT in Hounsfield units."""
-    return find_lungs(image).full()
+    return find_lungs(image, closing_mm).full()
 
 
-def find_lungs(image: sitk.Image) -> LungMask:
-    """The lungs of a 2D or 3D chest CT in Hounsfield units, at the resolution preprocessing works at."""
+def find_lungs(image: sitk.Image, closing_mm: float = LUNG_CLOSING_MM) -> LungMask:
+    """The lungs of a 2D or 3D chest CT in Hounsfield units, at the resolution preprocessing works at.
+
+    closing_mm is the radius of the closing that takes vessels and the hila into the mask; about 20 mm also takes
+    in solid lesions touching the pleura or the diaphragm, with some tissue of the lungs' recesses.
+    """
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("lung_mask needs a grey-scale CT; convert colour images to grey first")
     flat = image.GetDimension() == 2
@@ -156,10 +164,10 @@ def find_lungs(image: sitk.Image) -> LungMask:
     spacing = tuple(reversed(small.GetSpacing()))
     if flat:
         air, spacing = air[None], (math.inf, *spacing)
-    mask = _lungs_from_air(air, spacing)
+    mask = _lungs_from_air(air, spacing, closing_mm)
     coarse = sitk.GetImageFromArray((mask[0] if flat else mask).astype(np.uint8) * 255)
     coarse.CopyInformation(small)
-    return LungMask(coarse, factors, Geometry.from_image(image))
+    return LungMask(coarse, factors, Geometry.from_image(image), closing_mm)
 
 
 class Preprocessor:
@@ -270,9 +278,12 @@ class Preprocessor:
         check_image(image, config.ndim)
         work = _model_image(image, config.ndim)
         if lungs is None:
-            lungs = find_lungs(work)
+            lungs = find_lungs(work, config.closing_mm)
         elif lungs.source != Geometry.from_image(work):
             raise InputError("the lung mask is of an image with another geometry; give find_lungs(image) of this image")
+        elif lungs.closing_mm != config.closing_mm:
+            raise InputError(f"the lung mask was found with closing_mm={lungs.closing_mm:g}, this preprocessing uses "
+                             f"{config.closing_mm:g}; give find_lungs(image, {config.closing_mm:g})")
         index, size = _lung_box(lungs.coarse, lungs.factors, work, config.margin_mm)
         grid = _grid_geometry(work, index, size, config.grid)
         crop = sitk.Clamp(
@@ -359,13 +370,13 @@ def _outside_to_lung_mean(crop: sitk.Image, coarse: sitk.Image) -> sitk.Image:
     return sitk.Mask(crop, sitk.Cast(lung, sitk.sitkUInt8), outsideValue=stats.GetMean(1))
 
 
-def _lungs_from_air(air: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+def _lungs_from_air(air: np.ndarray, spacing: tuple[float, float, float], closing_mm: float) -> np.ndarray:
     """Lung mask (z, y, x bool) from an air mask: drop outside air, keep large parts, cut airways, close."""
     voxel = spacing[1] * spacing[2] * (1.0 if math.isinf(spacing[0]) else spacing[0])
     flat = math.isinf(spacing[0])
     mask = _largest(_inner(air), _KEEP_FRACTION)
     mask = _drop_airways(mask, spacing)
-    radius = [0 if math.isinf(s) else round(_CLOSING_MM / s) for s in reversed(spacing)]
+    radius = [0 if math.isinf(s) else round(closing_mm / s) for s in reversed(spacing)]
     closed = sitk.BinaryMorphologicalClosing(
         sitk.GetImageFromArray(mask.astype(np.uint8)), radius, sitk.sitkBall, 1, True
     )

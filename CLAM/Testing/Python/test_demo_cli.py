@@ -4,7 +4,8 @@ import json
 
 import pytest
 import SimpleITK as sitk
-from CLAMLib.cli import DEMO_SMOOTH, RESTARTS, main
+from CLAMLib.cli import DEMO_SMOOTH, LUNG_CLOSING, RESTARTS, main
+from CLAMLib.preprocess import PreprocessConfig
 from CLAMLib.train import TrainConfig
 
 
@@ -18,6 +19,7 @@ def test_demo_writes_table_maps_and_figures(tmp_path, capsys) -> None:
     assert settings["smooth"] == DEMO_SMOOTH and settings["restarts"] == 2
     restarts = results["restarts"]["size"]
     assert [r["seed"] for r in restarts] == [0, 1] and sum(r["best"] for r in restarts) == 1
+    assert settings["lung_closing_mm"] == LUNG_CLOSING
     assert settings["register"] == "none" and all(r["reconstruction_r2"] <= 1.0 for r in restarts)
     row = results["clustering"][0]
     assert row["scenario"] == "size" and row["k"] == 2 and 0.5 <= row["accuracy"] <= 1.0
@@ -62,5 +64,6 @@ def test_help_explains_each_command(command, capsys) -> None:
     assert "usage: clam" in text and len(text) > 300
 
 
-def test_command_line_restarts_default_is_the_api_default() -> None:
+def test_command_line_defaults_are_the_api_defaults() -> None:
     assert RESTARTS == TrainConfig().restarts
+    assert LUNG_CLOSING == PreprocessConfig().closing_mm

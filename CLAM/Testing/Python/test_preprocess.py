@@ -162,6 +162,8 @@ def test_lungs_found_once_prepare_the_same_as_found_again(cohort):
     assert (given.native, given.grid) == (found.native, found.grid)
     with pytest.raises(InputError, match="another geometry"):
         processor.transform(chest(origin=(-80.0, 40.0, 300.0)), lungs)
+    with pytest.raises(InputError, match="closing_mm=20"):
+        processor.transform(image, find_lungs(image, 20.0))
 
 
 def test_config_is_checked():
@@ -171,6 +173,8 @@ def test_config_is_checked():
         PreprocessConfig(register="rigid")
     with pytest.raises(InputError, match="hu_max"):
         PreprocessConfig(hu_min=100, hu_max=0)
+    with pytest.raises(InputError, match="closing_mm must be 0 or more"):
+        PreprocessConfig(closing_mm=-1.0)
 
 
 def test_unfitted_use_is_refused():
@@ -295,6 +299,15 @@ def test_lung_mask_on_real_chests(data_dir, name):
     middle = (body[0] + body[-1]) // 2
     share = mask[:, :, :middle].sum() / mask.sum()
     assert 0.3 <= share <= 0.7
+
+
+def test_a_wider_closing_takes_in_a_tumour_at_the_lungs_edge(data_dir):
+    """lung2's tumour (its label mask) lies at the lung's edge: the default mask leaves it out, a 25 mm closing not."""
+    image = read_image(data_dir / "chest_ct" / "lung2_image.nrrd")
+    tumour = sitk.GetArrayFromImage(read_image(data_dir / "chest_ct" / "lung2_label.nrrd")) > 0
+    inside = {mm: sitk.GetArrayFromImage(lung_mask(image, mm))[tumour].mean() for mm in (6.0, 25.0)}
+    assert inside[6.0] < 0.1 and inside[25.0] > 0.8
+    assert PreprocessConfig().closing_mm == 6.0
 
 
 def test_real_chest_back_to_native(data_dir):

@@ -146,8 +146,11 @@ def reconstruction_r2(net: ClusterNet, x: torch.Tensor, device: torch.device, ba
         return (x[i : i + batch_size].to(device) for i in range(0, len(x), batch_size))
 
     mean = sum(_target(net, xb).sum(0) for xb in batches()) / len(x)
-    sse = sum(float((net.decoder(net.encoder(xb)) - _target(net, xb)).pow(2).sum()) for xb in batches())
-    total = sum(float((_target(net, xb) - mean).pow(2).sum()) for xb in batches())
+    sse = total = 0.0
+    for xb in batches():
+        target = _target(net, xb)
+        sse += float((net.decoder(net.encoder(xb)) - target).pow(2).sum())
+        total += float((target - mean).pow(2).sum())
     return 1.0 - sse / total if total > 0 else float("nan")
 
 

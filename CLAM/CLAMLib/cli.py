@@ -41,6 +41,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_exclude(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out scans (files or DICOM folders) whose name or path relative to a folder given "
+                        "matches GLOB (fnmatch style, * also matches /; e.g. '*_label.nrrd' or 'old/*'; repeatable)")
+
+
+def _add_lung_closing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lung-closing", type=float, default=LUNG_CLOSING, metavar="MM",
+                   help=f"radius of the lung mask's closing in mm (default: {LUNG_CLOSING:g}); about 20 also takes in "
+                        "solid lesions touching the pleura or diaphragm, with some tissue of the lungs' recesses")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `clam`."""
     parser = argparse.ArgumentParser(prog="clam", description=DESCRIPTION,
@@ -81,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base", type=Path, default=None, metavar="CT",
                       help="use a real chest CT (HU) as base anatomy: each subject is a randomly deformed copy "
                            "with intensity jitter and inserted lesions (the semi-synthetic benchmark)")
-    demo.add_argument("--lung-closing", type=float, default=LUNG_CLOSING, metavar="MM",
-                      help=f"radius of the lung mask's closing in mm (default: {LUNG_CLOSING:g}); about 20 also takes in solid "
-                           "lesions touching the pleura or diaphragm")
+    _add_lung_closing(demo)
     demo.add_argument("--register", choices=["none", "affine", "bspline"], default="none",
                       help="register every subject's lungs to the cohort's lung template before clustering "
                            "(default: none)")
@@ -102,18 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("scans", nargs="+", help="image files (NIfTI, NRRD, MHA), DICOM series folders, folders "
                                                 "searched recursively, or a CSV manifest with columns id,path")
     train.add_argument("--out", type=Path, required=True, help="bundle folder to write")
-    train.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                       help="leave out scans (files or DICOM folders) whose name or path relative to a folder given "
-                            "matches GLOB (fnmatch style, * also matches /; e.g. '*_label.nrrd' or 'old/*'; repeatable)")
+    _add_exclude(train)
     train.add_argument("--k", type=int, default=None, help="number of clusters; omit to choose it over --k-range")
     train.add_argument("--k-range", type=int, nargs=2, default=(2, 8), metavar=("MIN", "MAX"),
                        help="k values to try when --k is omitted, chosen by silhouette (default: 2 8)")
     train.add_argument("--grid", type=int, default=88, help="model grid side, a multiple of 8 (default: 88)")
     train.add_argument("--register", choices=["none", "affine", "bspline"], default="none",
                        help="register scans to a template built from the cohort (default: none)")
-    train.add_argument("--lung-closing", type=float, default=LUNG_CLOSING, metavar="MM",
-                       help=f"radius of the lung mask's closing in mm (default: {LUNG_CLOSING:g}); about 20 also takes in solid "
-                            "lesions touching the pleura or diaphragm, with some tissue of the lungs' recesses")
+    _add_lung_closing(train)
     train.add_argument("--epochs", type=int, default=60, help="autoencoder pretraining epochs (default: 60)")
     train.add_argument("--smooth", type=float, default=0.0,
                        help="sigma, in model-grid voxels, of a fixed Gaussian in front of the encoder; tolerates "
@@ -151,9 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("model", type=Path, help="bundle folder written by `clam train` (e.g. models/clam-demo)")
     mp.add_argument("scans", nargs="+", help="image files, DICOM series folders, folders or a CSV manifest")
     mp.add_argument("--out", type=Path, required=True, help="output folder")
-    mp.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="leave out scans (files or DICOM folders) whose name or path relative to a folder given "
-                        "matches GLOB (fnmatch style, * also matches /; e.g. '*_label.nrrd' or 'old/*'; repeatable)")
+    _add_exclude(mp)
     mp.add_argument("--method", default="default",
                     choices=["default", "clam", "scorecam", "gradient", "occlusion"],
                     help="map method: default (the product's map) or clam (the paper's, faithful) and others")

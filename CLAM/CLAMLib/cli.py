@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from .errors import CLAMError
+from .errors import CLAMError, InputError
 
 if TYPE_CHECKING:
     from .cohort import Scan
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 RESTARTS = 1
 """Autoencoder restarts of `clam demo` and `clam train`, as TrainConfig.restarts."""
-LUNG_CLOSING = 6.0
+LUNG_CLOSING = 20.0
 """Radius (mm) of the lung mask's closing in `clam demo` and `clam train`, as PreprocessConfig.closing_mm."""
 DEMO_SMOOTH = 1.5
 """Input smoothing of `clam demo` (Architecture.smooth, model-grid voxels)."""
@@ -49,8 +49,8 @@ def _add_exclude(p: argparse.ArgumentParser) -> None:
 
 def _add_lung_closing(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lung-closing", type=float, default=LUNG_CLOSING, metavar="MM",
-                   help=f"radius of the lung mask's closing in mm (default: {LUNG_CLOSING:g}); about 20 also takes in "
-                        "solid lesions touching the pleura or diaphragm, with some tissue of the lungs' recesses")
+                   help=f"radius in mm of the closing of each lung in the lung mask (default: {LUNG_CLOSING:g}, "
+                        "which takes in solid lesions touching the pleura or the diaphragm; 6 leaves most of them out)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base", type=Path, default=None, metavar="CT",
                       help="use a real chest CT (HU) as base anatomy: each subject is a randomly deformed copy "
                            "with intensity jitter and inserted lesions (the semi-synthetic benchmark)")
+    demo.add_argument("--base-lesion", type=Path, default=None, metavar="MASK",
+                      help="mask of the base CT's own lesion (non-zero inside, on the base's grid): its voxels "
+                           "become the base's aerated-lung median, so that no subject shares the base's tumour")
     _add_lung_closing(demo)
     demo.add_argument("--register", choices=["none", "affine", "bspline"], default="none",
                       help="register every subject's lungs to the cohort's lung template before clustering "
@@ -210,7 +213,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Fit and save a bundle (under torchrun: each rank preprocesses its share of the scans, all train, rank 0 writes)."""
     from .cohort import find_scans
     from .distributed import device_for, from_env, shutdown
-    from .errors import InputError
     from .estimator import CLAMModel
     from .model import Architecture
     from .preprocess import PreprocessConfig
@@ -358,6 +360,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the simulation study."""
     from .demo import run_demo
 
+    if args.base_lesion is not None and args.base is None:
+        raise InputError("--base-lesion is the mask of the --base CT's own lesion: give --base CT as well")
     run_demo(args)
     return 0
 

@@ -5,6 +5,11 @@ Defaults (PreprocessConfig):
 - hu_min -1000, hu_max 200: air to soft tissue. Lung parenchyma (-950 to -500), ground glass, nodules and
   consolidation (about -300 to 100) keep their contrast; bone and contrast agent, irrelevant in the lungs, clip.
 - margin_mm 10: keeps the pleura and chest wall next to the lungs in the crop.
+- closing_mm 20: each lung's mask is closed with a 20 mm ball, the left and right lung apart, and the closing adds
+  nothing nearer the midline than the lung's most medial voxel in the same image row: solid lesions at the pleura
+  and the diaphragm come in (with one 6 mm closing, most of lung2's tumour was left out, and simulated lesions
+  touching the pleura were erased) while the hila and the mediastinum stay out, as they do not in a plain 20 mm
+  closing, where whether they come in changes from scan to scan and drives the clusters.
 - register "none": cropping to the lungs already removes most size and position differences; "affine" and
   "bspline" register each scan's lungs on the grid to a lung template built from the training cohort (the mean
   lung mask after affine alignment); registration matches lung masks, since the normalised image carries no lung
@@ -34,9 +39,11 @@ from .imageio import check_image
 
 _MASK_SPACING_MM = 2.0  # working resolution of lung_mask
 _AIR_HU = -400.0  # voxels below this count as air
-LUNG_CLOSING_MM = 6.0  # default radius of the closing that takes vessels and the hila into the lung mask
+LUNG_CLOSING_MM = 20.0  # default radius of the closing of each lung: takes in vessels, the hila and lesions at the edge
+_FORMER_CLOSING_MM = 6.0  # the closing of preprocessing states that do not record theirs
 _AIRWAY_AREA_MM2 = 600.0  # trachea and main bronchi cross-sections are smaller than this
 _AIRWAY_BAND = 0.15  # fraction of the lungs' width either side of their centre where airways lie
+_MIDLINE_BAND = 0.2  # fraction of the lungs' width either side of their centre searched for the gap between them
 _KEEP_FRACTION = 0.1  # air components at least this fraction of the largest count as lung
 _MIN_LUNG = {3: 20_000.0, 2: 400.0}  # smallest lung volume (mm^3) or area (mm^2) accepted
 _BSPLINE_MESH = 4  # B-spline control mesh cells per axis
@@ -150,8 +157,9 @@ def lung_mask(image: sitk.Image, closing_mm: float = LUNG_CLOSING_MM) -> sitk.Im
 def find_lungs(image: sitk.Image, closing_mm: float = LUNG_CLOSING_MM) -> LungMask:
     """The lungs of a 2D or 3D chest CT in Hounsfield units, at the resolution preprocessing works at.
 
-    closing_mm is the radius of the closing that takes vessels and the hila into the mask; about 20 mm also takes
-    in solid lesions touching the pleura or the diaphragm, with some tissue of the lungs' recesses.
+    closing_mm is the radius of the closing of each lung, which takes vessels and solid lesions touching the pleura or
+    the diaphragm into the mask but adds nothing medial to the lung (hila, mediastinum); 6 mm leaves most such
+    lesions out.
     """
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("lung_mask needs a grey-scale CT; convert colour images to grey first")
@@ -247,7 +255,8 @@ class Preprocessor:
                 f"preprocessing state version {meta.get('version')!r} is not {_STATE_VERSION}; {fix}"
             )
         try:
-            config = PreprocessConfig(**meta["config"])
+            # states written before closing_mm was recorded were fitted with a 6 mm closing
+            config = PreprocessConfig(**{"closing_mm": _FORMER_CLOSING_MM, **meta["config"]})
             scale = float(meta["scale"])
         except (KeyError, TypeError, ValueError) as err:
             raise BundleError(f"preprocessing state is incomplete or invalid ({err}); {fix}") from err
@@ -371,16 +380,13 @@ def _outside_to_lung_mean(crop: sitk.Image, coarse: sitk.Image) -> sitk.Image:
 
 
 def _lungs_from_air(air: np.ndarray, spacing: tuple[float, float, float], closing_mm: float) -> np.ndarray:
-    """Lung mask (z, y, x bool) from an air mask: drop outside air, keep large parts, cut airways, close."""
+    """Lung mask (z, y, x bool) from an air mask: keep large parts inside the body, cut airways, close each lung."""
     voxel = spacing[1] * spacing[2] * (1.0 if math.isinf(spacing[0]) else spacing[0])
     flat = math.isinf(spacing[0])
-    mask = _largest(_inner(air), _KEEP_FRACTION)
+    mask = _largest(_inside_body(air), _KEEP_FRACTION)
     mask = _drop_airways(mask, spacing)
     radius = [0 if math.isinf(s) else round(closing_mm / s) for s in reversed(spacing)]
-    closed = sitk.BinaryMorphologicalClosing(
-        sitk.GetImageFromArray(mask.astype(np.uint8)), radius, sitk.sitkBall, 1, True
-    )
-    mask = sitk.GetArrayViewFromImage(closed).astype(bool)
+    mask = _close_each_lung(mask, radius)
     # fill holes enclosed by lung: in-slice for 2D; in 3D otherwise, so that the diaphragm's dome, enclosed by
     # lung only within axial slices, stays out while lesions and vessels inside the lung come in
     filled = mask | _inner(~mask) if flat else ndimage.binary_fill_holes(mask)
@@ -391,6 +397,70 @@ def _lungs_from_air(air: np.ndarray, spacing: tuple[float, float, float], closin
             "lungs"
         )
     return mask
+
+
+def _close_each_lung(mask: np.ndarray, radius: list[int]) -> np.ndarray:
+    """Closing of each lung by itself, kept lateral to the lung's most medial voxel in each row: it fills dents
+    at the pleura and the diaphragm (solid lesions there) while the hila and the mediastinum stay out."""
+    split = _midline(mask)
+    closed = np.zeros_like(mask)
+    columns = np.arange(mask.shape[2])
+    for side, sign in ((np.s_[..., :split], 1), (np.s_[..., split:], -1)):
+        lung = mask[side]
+        if not lung.any():
+            continue
+        image = sitk.GetImageFromArray(lung.astype(np.uint8))
+        part = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(image, radius, sitk.sitkBall, 1, True)) > 0
+        inward = sign * columns[side[-1]]  # grows towards the midline
+        edge = np.where(lung, inward, np.iinfo(np.int64).min).max(axis=2, keepdims=True)
+        edge[~lung.any(axis=2, keepdims=True)] = np.iinfo(np.int64).max  # rows without lung: no limit
+        closed[side] = part & (inward <= edge)
+    return closed
+
+
+def _midline(mask: np.ndarray) -> int:
+    """Column (last axis) between the lungs: the one with the fewest lung voxels near the lungs' centre."""
+    profile = mask.sum(axis=(0, 1))
+    used = np.flatnonzero(profile)
+    if used.size == 0:
+        return mask.shape[2] // 2
+    middle, width = (used[0] + used[-1]) / 2, used[-1] - used[0] + 1
+    low = max(0, math.floor(middle - _MIDLINE_BAND * width))
+    high = min(mask.shape[2], math.ceil(middle + _MIDLINE_BAND * width) + 1)
+    return low + int(np.argmin(profile[low:high]))
+
+
+def _inside_body(air: np.ndarray) -> np.ndarray:
+    """Air inside the body: air enclosed within its slice, and air reaching a slice's edge whose 3D part lies
+    mostly within the slices' body outline (lungs cut by the edge of a cropped scan, not the air around the body)."""
+    enclosed = _inner(air)
+    edge = air & ~enclosed
+    labels, count = ndimage.label(edge)
+    if count == 0:
+        return enclosed
+    share = np.asarray(ndimage.mean(_body_hull(~air), labels, np.arange(1, count + 1)))
+    keep = np.concatenate([[False], share >= 0.5])
+    return enclosed | keep[labels]
+
+
+def _body_hull(tissue: np.ndarray) -> np.ndarray:
+    """Per slice, the convex hull of the largest tissue part (the body without the table)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    hull_mask = np.zeros_like(tissue)
+    rows, cols = np.indices(tissue.shape[1:])
+    points = np.stack([rows.ravel(), cols.ravel()], axis=1).astype(np.float64)
+    for z, piece in enumerate(tissue):
+        labels, count = ndimage.label(piece)
+        if count == 0:
+            continue
+        body = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+        try:
+            hull = ConvexHull(np.argwhere(body & ~ndimage.binary_erosion(body)))
+        except QhullError:  # a line or a point: no area that could hold lungs
+            continue
+        hull_mask[z] = (points @ hull.equations[:, :2].T + hull.equations[:, 2] <= 0.5).all(axis=1).reshape(piece.shape)
+    return hull_mask
 
 
 def _inner(mask: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from CLAMLib.errors import BundleError, InputError
 from CLAMLib.imageio import read_image
 from CLAMLib.preprocess import (
+    LUNG_CLOSING_MM,
     Geometry,
     NotFittedError,
     PreprocessConfig,
@@ -141,6 +142,36 @@ def test_lung_mask_synthetic_volume_and_geometry():
     assert values[:, :, :32].sum() == pytest.approx(values[:, :, 32:].sum(), rel=0.2)
 
 
+def true_lungs(image: sitk.Image) -> np.ndarray:
+    """The lung voxels chest() drew (-850 HU, with its noise)."""
+    return np.abs(sitk.GetArrayFromImage(image) + 850) < 80
+
+
+def test_each_lung_is_closed_alone():
+    """chest()'s lungs are 27 mm apart: one 20 mm closing of both would fill the mediastinum between them."""
+    image = chest()
+    gap = np.s_[:, :, 29:35]  # index columns between the two lungs
+    assert not true_lungs(image)[gap].any()
+    assert not sitk.GetArrayFromImage(lung_mask(image))[gap].any()
+
+
+def test_a_lesion_touching_the_pleura_is_taken_in():
+    image, plain = chest(lesion=(13, 28, 20)), chest()
+    lesion = (sitk.GetArrayFromImage(image) > 0) & true_lungs(plain)  # the lesion's voxels inside the lung
+    assert lesion.sum() > 30
+    inside = {mm: sitk.GetArrayFromImage(lung_mask(image, mm))[lesion].mean() for mm in (6.0, 20.0)}
+    assert inside[6.0] < 0.5 < 0.95 < inside[20.0]
+
+
+def test_lung_mask_of_a_scan_cropped_through_the_lungs():
+    """Lungs cut by the crop's anterior edge are air reaching the slice's edge, yet inside the body."""
+    crop = chest()[:, 20:, :]
+    lungs = true_lungs(crop)
+    assert lungs[:, 0].any()  # the crop cuts the lungs
+    mask = sitk.GetArrayFromImage(lung_mask(crop)).astype(bool)
+    assert mask[lungs].mean() > 0.95 and lungs[mask].mean() > 0.95
+
+
 def test_lung_mask_2d_and_no_lungs():
     flat = chest(size=(96, 88, 1), spacing=(2.0, 2.0, 5.0))[:, :, 0]
     assert 0 < sitk.GetArrayFromImage(lung_mask(flat)).sum() < 96 * 88 / 2
@@ -162,8 +193,8 @@ def test_lungs_found_once_prepare_the_same_as_found_again(cohort):
     assert (given.native, given.grid) == (found.native, found.grid)
     with pytest.raises(InputError, match="another geometry"):
         processor.transform(chest(origin=(-80.0, 40.0, 300.0)), lungs)
-    with pytest.raises(InputError, match="closing_mm=20"):
-        processor.transform(image, find_lungs(image, 20.0))
+    with pytest.raises(InputError, match="closing_mm=6"):
+        processor.transform(image, find_lungs(image, 6.0))
 
 
 def test_config_is_checked():
@@ -247,6 +278,9 @@ def test_state_round_trip(cohort, affine):
         Preprocessor.from_state({**meta, "version": 99}, arrays)
     with pytest.raises(BundleError, match="template"):
         Preprocessor.from_state(meta, {})
+    assert restored.config.closing_mm == processor.config.closing_mm == 20.0
+    former = {**meta, "config": {k: v for k, v in meta["config"].items() if k != "closing_mm"}}
+    assert Preprocessor.from_state(former, arrays).config.closing_mm == 6.0  # fitted before it was recorded
 
 
 def test_bspline_round_trip(cohort):
@@ -301,13 +335,23 @@ def test_lung_mask_on_real_chests(data_dir, name):
     assert 0.3 <= share <= 0.7
 
 
-def test_a_wider_closing_takes_in_a_tumour_at_the_lungs_edge(data_dir):
-    """lung2's tumour (its label mask) lies at the lung's edge: the default mask leaves it out, a 25 mm closing not."""
+def test_the_default_mask_takes_in_a_tumour_at_the_lungs_edge(data_dir):
+    """lung2's tumour (its label mask) lies at the lung's edge: a 6 mm closing leaves it out, the default takes it in."""
     image = read_image(data_dir / "chest_ct" / "lung2_image.nrrd")
     tumour = sitk.GetArrayFromImage(read_image(data_dir / "chest_ct" / "lung2_label.nrrd")) > 0
-    inside = {mm: sitk.GetArrayFromImage(lung_mask(image, mm))[tumour].mean() for mm in (6.0, 25.0)}
-    assert inside[6.0] < 0.1 and inside[25.0] > 0.8
-    assert PreprocessConfig().closing_mm == 6.0
+    inside = {mm: sitk.GetArrayFromImage(lung_mask(image, mm))[tumour].mean() for mm in (6.0, LUNG_CLOSING_MM)}
+    assert inside[6.0] < 0.1 and inside[LUNG_CLOSING_MM] > 0.6
+    assert PreprocessConfig().closing_mm == LUNG_CLOSING_MM == 20.0
+
+
+@pytest.mark.parametrize("name", ["totalseg_pulmonary_ct_cropped.nii.gz", "totalseg_aorta_ct_cropped.nii.gz"])
+def test_lung_mask_on_scans_cropped_through_the_lungs(data_dir, name):
+    """Crops around the heart cut the lungs at the image's edge: the mask still holds nearly all their air."""
+    image = read_image(data_dir / "chest_ct" / name)
+    air = sitk.GetArrayFromImage(image) < -400
+    mask = sitk.GetArrayFromImage(lung_mask(image)).astype(bool)
+    assert air[mask].mean() > 0.85  # the mask is lung, not the tissue around it
+    assert mask[air].mean() > 0.85  # nearly all the air in these crops is lung
 
 
 def test_real_chest_back_to_native(data_dir):

@@ -53,8 +53,9 @@ def _scenario_params(scenario: str, args: argparse.Namespace) -> ScenarioParams:
 
 def _cohort(scenario: str, args: argparse.Namespace, variation: float, seed: int) -> Cohort:
     base = read_image(args.base) if getattr(args, "base", None) else None
+    lesion = read_image(args.base_lesion) if base is not None and getattr(args, "base_lesion", None) else None
     return make_cohort(scenario, n_per_cluster=args.subjects, seed=seed, anatomy_variation=variation,
-                       params=_scenario_params(scenario, args), base=base)
+                       params=_scenario_params(scenario, args), base=base, base_lesion=lesion)
 
 
 def _prep(cohort: Cohort, grid: int, register: str, closing_mm: float) -> Prepped:
@@ -227,8 +228,9 @@ def _markdown(results: dict[str, Any]) -> str:
         f"Grid {s['grid']}^3, {s['subjects_per_cluster']} subjects per cluster, true k = {TRUE_K}, seed {s['seed']}, "
         f"anatomy variation {s['anatomy_variation']:g}, input smoothing sigma {s['smooth']:g} voxels, {s['restarts']} autoencoder "
         f"restarts, registration {s['register']}; {s['seconds']:.0f} s on {s['machine']}.",
-        "Subjects: " + (f"deformed copies of the real CT {s['base']} with inserted lesions." if s["base"]
-                        else "simulated chest phantoms."),
+        "Subjects: " + (f"deformed copies of the real CT {s['base']} with inserted lesions"
+                        + (f" (its own lesion, {s['base_lesion']}, replaced by lung)." if s.get("base_lesion") else ".")
+                        if s["base"] else "simulated chest phantoms."),
         "",
         "## Clustering",
         "",
@@ -288,6 +290,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     results["settings"] = {
         "grid": args.grid, "subjects_per_cluster": args.subjects, "seed": args.seed,
         "anatomy_variation": args.anatomy_variation, "base": str(args.base) if args.base else None,
+        "base_lesion": str(args.base_lesion) if args.base and args.base_lesion else None,
         "scenarios": scenarios, "k_values": ks, "true_k": TRUE_K, "restarts": args.restarts,
         "smooth": args.smooth, "register": args.register, "lung_closing_mm": args.lung_closing,
         "default_method": DEFAULT_METHOD, "tolerance": args.grid // Architecture(grid=args.grid).feature_grid,

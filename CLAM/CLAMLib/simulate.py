@@ -689,6 +689,28 @@ def _base_lung(base_small: sitk.Image, base_lung: sitk.Image | None) -> sitk.Ima
     return mask
 
 
+def _without_lesion(base: sitk.Image, lesion: sitk.Image) -> sitk.Image:
+    """The base CT with its own lesion's voxels set to the median of its aerated lung (float32 HU, a copy)."""
+    if not isinstance(lesion, sitk.Image) or lesion.GetSize() != base.GetSize() or not np.allclose(
+        lesion.GetSpacing(), base.GetSpacing()
+    ) or not np.allclose(lesion.GetOrigin(), base.GetOrigin(), atol=1e-3) or not np.allclose(
+        lesion.GetDirection(), base.GetDirection(), atol=1e-6
+    ):
+        raise InputError("base_lesion must be a mask on the base CT's exact grid (size, spacing, origin, direction); "
+                         "resample it onto the base first")
+    hu = sitk.GetArrayFromImage(sitk.Cast(base, sitk.sitkFloat32))
+    inside = sitk.GetArrayViewFromImage(lesion) != 0
+    if not inside.any():
+        raise InputError("base_lesion is empty: give the mask of the base's own lesion (non-zero inside it)")
+    from .preprocess import lung_mask
+
+    aerated = (sitk.GetArrayFromImage(lung_mask(base)) > 0) & (hu < -400.0) & ~inside
+    hu[inside] = np.median(hu[aerated]) if aerated.any() else -850.0
+    clean = sitk.GetImageFromArray(hu)
+    clean.CopyInformation(base)
+    return clean
+
+
 def _image_digest(image: sitk.Image) -> str:
     """SHA-256 of an image's voxels and geometry (to recognise the same base later)."""
     h = hashlib.sha256(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
@@ -702,7 +724,7 @@ def _image_digest(image: sitk.Image) -> str:
 def make_cohort(scenario: str = "size", n_per_cluster: int = 20, seed: int = 0, anatomy_variation: float = 1.0,
                 base: sitk.Image | None = None, params: ScenarioParams | None = None,
                 size: Sequence[int] = DEFAULT_SIZE, spacing: Sequence[float] = DEFAULT_SPACING,
-                base_lung: sitk.Image | None = None) -> Cohort:
+                base_lung: sitk.Image | None = None, base_lesion: sitk.Image | None = None) -> Cohort:
     """Simulate a seeded cohort whose clusters differ only by their lesions (see the module docstring)."""
     if scenario not in SCENARIOS:
         raise InputError(f"unknown scenario {scenario!r}: use one of {SCENARIOS}")
@@ -735,7 +757,7 @@ def make_cohort(scenario: str = "size", n_per_cluster: int = 20, seed: int = 0, 
         "base": None,
     }
     if base is not None:
-        small = _prepare_base(base, size_t)
+        small = _prepare_base(_without_lesion(base, base_lesion) if base_lesion is not None else base, size_t)
         lung_ref = _base_lung(small, base_lung)
         run_params["base"] = {
             "sha256": _image_digest(base),
@@ -744,6 +766,8 @@ def make_cohort(scenario: str = "size", n_per_cluster: int = 20, seed: int = 0, 
             "grid_size": list(small.GetSize()),
             "grid_spacing": list(small.GetSpacing()),
             "base_lung_given": base_lung is not None,
+            "base_lesion_voxels": None if base_lesion is None else int(np.count_nonzero(
+                sitk.GetArrayViewFromImage(base_lesion))),
         }
     subjects: list[Subject] = []
     for i, (label, ss) in enumerate(zip(labels, child_seeds)):

@@ -67,3 +67,10 @@ def test_help_explains_each_command(command, capsys) -> None:
 def test_command_line_defaults_are_the_api_defaults() -> None:
     assert RESTARTS == TrainConfig().restarts
     assert LUNG_CLOSING == PreprocessConfig().closing_mm
+
+
+def test_base_lesion_needs_a_base(tmp_path, capsys) -> None:
+    status = main(["demo", "--quick", "--base-lesion", str(tmp_path / "tumour.nrrd"), "--out", str(tmp_path)])
+    assert status != 0
+    assert "--base CT" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()

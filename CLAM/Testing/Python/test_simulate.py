@@ -214,6 +214,34 @@ def test_base_ct_path_on_a_synthetic_base() -> None:
     np.testing.assert_array_equal(lungs[0], arr(base_lung))
 
 
+def test_base_lesion_is_replaced_by_lung_and_the_base_kept() -> None:
+    base, base_lung = make_phantom(seed=5, size=(96, 96, 40), spacing=(3.6, 3.6, 8.0))
+    values = arr(base).copy()
+    z, y, x = (np.asarray(c) for c in np.nonzero(arr(base_lung)))
+    centre = (int(np.median(z)), int(np.median(y)), int(np.median(x)))
+    tumour = np.zeros(values.shape, dtype=np.uint8)
+    tumour[centre[0] - 1 : centre[0] + 2, centre[1] - 4 : centre[1] + 5, centre[2] - 4 : centre[2] + 5] = 1
+    values[tumour > 0] = 40  # a solid tumour in the base's lung
+    with_tumour = sitk.GetImageFromArray(values)
+    with_tumour.CopyInformation(base)
+    lesion = sitk.GetImageFromArray(tumour)
+    lesion.CopyInformation(base)
+    before = arr(with_tumour).copy()
+    kwargs = dict(n_per_cluster=2, seed=0, base=with_tumour, base_lung=base_lung, anatomy_variation=0.0,
+                  size=(96, 96, 40))
+    plain, cleaned = make_cohort("size", **kwargs), make_cohort("size", base_lesion=lesion, **kwargs)
+    np.testing.assert_array_equal(arr(with_tumour), before)  # the caller's base is not touched
+    assert cleaned.params["base"]["base_lesion_voxels"] == int(tumour.sum())
+    site = tumour > 0
+    for p, c in zip(plain.subjects, cleaned.subjects):
+        keep = site & (arr(p.lesion) == 0) & (arr(c.lesion) == 0)  # the site, where no simulated lesion fell
+        assert keep.sum() > 100
+        assert np.median(arr(p.image)[keep]) > -100 and np.median(arr(c.image)[keep]) < -700
+    moved = sitk.GetImageFromArray(tumour)
+    with pytest.raises(InputError, match="exact grid"):
+        make_cohort("size", base_lesion=moved, **kwargs)
+
+
 def test_base_ct_path_segments_the_lungs_itself() -> None:
     pytest.importorskip("CLAMLib.preprocess", reason="CLAMLib.preprocess (lung_mask) is not in this tree yet")
     base, _ = make_phantom(seed=6, size=(96, 96, 40), spacing=(3.6, 3.6, 8.0))

@@ -434,33 +434,47 @@ def _inside_body(air: np.ndarray) -> np.ndarray:
     """Air inside the body: air enclosed within its slice, and air reaching a slice's edge whose 3D part lies
     mostly within the slices' body outline (lungs cut by the edge of a cropped scan, not the air around the body)."""
     enclosed = _inner(air)
-    edge = air & ~enclosed
-    labels, count = ndimage.label(edge)
+    labels, count = ndimage.label(air & ~enclosed)
     if count == 0:
         return enclosed
-    share = np.asarray(ndimage.mean(_body_hull(~air), labels, np.arange(1, count + 1)))
-    keep = np.concatenate([[False], share >= 0.5])
+    within = np.zeros(count + 1)
+    for piece, part in zip(air, labels):
+        found = part > 0
+        if not found.any():
+            continue
+        spans = _body_hull(~piece)
+        if spans is None:
+            continue
+        rows, cols = np.nonzero(found)
+        inside = (spans[0][rows] <= cols) & (cols <= spans[1][rows])
+        within += np.bincount(part[found][inside], minlength=count + 1)
+    keep = within >= 0.5 * np.bincount(labels.ravel(), minlength=count + 1)
+    keep[0] = False
     return enclosed | keep[labels]
 
 
-def _body_hull(tissue: np.ndarray) -> np.ndarray:
-    """Per slice, the convex hull of the largest tissue part (the body without the table)."""
+def _body_hull(tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per row, the first and last column inside the convex hull of a slice's largest tissue part (the body
+    without the table), or None where that hull has no area."""
     from scipy.spatial import ConvexHull, QhullError
 
-    hull_mask = np.zeros_like(tissue)
-    rows, cols = np.indices(tissue.shape[1:])
-    points = np.stack([rows.ravel(), cols.ravel()], axis=1).astype(np.float64)
-    for z, piece in enumerate(tissue):
-        labels, count = ndimage.label(piece)
-        if count == 0:
-            continue
-        body = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-        try:
-            hull = ConvexHull(np.argwhere(body & ~ndimage.binary_erosion(body)))
-        except QhullError:  # a line or a point: no area that could hold lungs
-            continue
-        hull_mask[z] = (points @ hull.equations[:, :2].T + hull.equations[:, 2] <= 0.5).all(axis=1).reshape(piece.shape)
-    return hull_mask
+    labels, count = ndimage.label(tissue)
+    if count == 0:
+        return None
+    body = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    try:
+        facets = ConvexHull(np.argwhere(body & ~ndimage.binary_erosion(body))).equations
+    except QhullError:  # a line or a point
+        return None
+    # inside: a * row + b * column + c <= 0.5 for every facet; solve each for the column, row by row
+    a, b, c = facets.T
+    limit = -(np.outer(np.arange(tissue.shape[0]), a) + c - 0.5)  # b * column <= limit
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = limit / b
+    last = np.where(b > 1e-9, bound, np.inf).min(axis=1)
+    first = np.where(b < -1e-9, bound, -np.inf).max(axis=1)
+    last[((np.abs(b) <= 1e-9) & (limit < 0)).any(axis=1)] = -np.inf  # rows beyond the hull's top or bottom
+    return first, last
 
 
 def _inner(mask: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ from .imageio import check_image
 
 _MASK_SPACING_MM = 2.0  # working resolution of lung_mask
 _AIR_HU = -400.0  # voxels below this count as air
-LUNG_CLOSING_MM = 20.0  # default radius of the closing of each lung: takes in vessels, the hila and lesions at the edge
+LUNG_CLOSING_MM = 20.0  # default radius of the closing of each lung: takes in vessels and lesions at the pleura
 _FORMER_CLOSING_MM = 6.0  # the closing of preprocessing states that do not record theirs
 _AIRWAY_AREA_MM2 = 600.0  # trachea and main bronchi cross-sections are smaller than this
 _AIRWAY_BAND = 0.15  # fraction of the lungs' width either side of their centre where airways lie

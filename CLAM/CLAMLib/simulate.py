@@ -38,6 +38,8 @@ Parameters of :func:`make_cohort`:
 - ``base``: optional real chest CT in HU; every subject is then a deformed copy of it (downsampled
   first so that no axis exceeds ``size``) with lesions inside its lung mask, which comes from
   ``base_lung`` when given and from :func:`CLAMLib.preprocess.lung_mask` otherwise.
+- ``base_lesion``: optional mask of the base's own lesion on the base's grid; its voxels are set to
+  the median of the base's aerated lung first, so that the subjects do not all share that lesion.
 - ``params``: a :class:`ScenarioParams` overriding the scenario's defaults (lesion diameter in mm,
   attenuation in HU, zone and side per cluster; lesions per subject; soft edge, lung margin, noise
   and intensity jitter).

@@ -77,6 +77,12 @@ class Geometry:
             tuple(float(v) for v in image.GetDirection()),
         )
 
+    def matches(self, other: Geometry, atol: float = 1e-3) -> bool:
+        """Same size, and spacing, origin and direction equal within atol (mm, and direction cosines)."""
+        return self.size == other.size and np.allclose(
+            self.spacing + self.origin + self.direction, other.spacing + other.origin + other.direction, atol=atol
+        )
+
     def to_dict(self) -> dict[str, list]:
         """JSON-able form."""
         return {key: list(value) for key, value in asdict(self).items()}
@@ -220,12 +226,7 @@ class Preprocessor:
 
     def grid_mask(self, mask: sitk.Image, prepared: Prepared) -> np.ndarray:
         """A binary mask on the input's geometry (e.g. a lesion) as a bool array on the model grid."""
-        native = Geometry.from_image(mask)
-        if native.size != prepared.native.size or not np.allclose(
-            native.spacing + native.origin + native.direction,
-            prepared.native.spacing + prepared.native.origin + prepared.native.direction,
-            atol=1e-3,
-        ):
+        if not Geometry.from_image(mask).matches(prepared.native):
             raise InputError(
                 "mask geometry differs from the image's; give the mask that belongs to this image"
             )

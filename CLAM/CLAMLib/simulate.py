@@ -693,19 +693,15 @@ def _base_lung(base_small: sitk.Image, base_lung: sitk.Image | None) -> sitk.Ima
 
 def _without_lesion(base: sitk.Image, lesion: sitk.Image) -> sitk.Image:
     """The base CT with its own lesion's voxels set to the median of its aerated lung (float32 HU, a copy)."""
-    if not isinstance(lesion, sitk.Image) or lesion.GetSize() != base.GetSize() or not np.allclose(
-        lesion.GetSpacing(), base.GetSpacing()
-    ) or not np.allclose(lesion.GetOrigin(), base.GetOrigin(), atol=1e-3) or not np.allclose(
-        lesion.GetDirection(), base.GetDirection(), atol=1e-6
-    ):
+    from .preprocess import Geometry, lung_mask
+
+    if not isinstance(lesion, sitk.Image) or not Geometry.from_image(lesion).matches(Geometry.from_image(base)):
         raise InputError("base_lesion must be a mask on the base CT's exact grid (size, spacing, origin, direction); "
                          "resample it onto the base first")
     hu = sitk.GetArrayFromImage(sitk.Cast(base, sitk.sitkFloat32))
     inside = sitk.GetArrayViewFromImage(lesion) != 0
     if not inside.any():
         raise InputError("base_lesion is empty: give the mask of the base's own lesion (non-zero inside it)")
-    from .preprocess import lung_mask
-
     aerated = (sitk.GetArrayFromImage(lung_mask(base)) > 0) & (hu < -400.0) & ~inside
     hu[inside] = np.median(hu[aerated]) if aerated.any() else -850.0
     clean = sitk.GetImageFromArray(hu)

@@ -40,6 +40,12 @@ Parameters of :func:`make_cohort`:
   ``base_lung`` when given and from :func:`CLAMLib.preprocess.lung_mask` otherwise.
 - ``base_lesion``: optional mask of the base's own lesion on the base's grid; its voxels are set to
   the median of the base's aerated lung first, so that the subjects do not all share that lesion.
+  With a base, each cluster's site is one point of the base's anatomy: the point of the base lung nearest
+  the bounding-box site that has room for the largest lesion plus the jitter and 5 mm of deformation (else
+  the deepest point of the cluster's zone and side), mapped into every deformed subject. Sites set by each
+  subject's own bounding box would fall on different anatomy when the box site lies near the pleura, and the
+  clusters would then differ by position as well as by lesion. ``params["base"]["sites_mm"]`` holds the points
+  and each lesion record its ``base_centre_mm``.
 - ``params``: a :class:`ScenarioParams` overriding the scenario's defaults (lesion diameter in mm,
   attenuation in HU, zone and side per cluster; lesions per subject; soft edge, lung margin, noise
   and intensity jitter).
@@ -100,6 +106,8 @@ DEFAULT_SIZE = (128, 128, 64)
 DEFAULT_SPACING = (350.0 / 128, 350.0 / 128, 5.0)
 
 AIR_HU = -1000.0
+DEFORMATION_MM = 5.0
+"""Extra depth asked of a base CT's lesion site, for the subjects' deformation to leave room there."""
 HU_MIN, HU_MAX = -1024.0, 3071.0
 
 
@@ -211,7 +219,8 @@ class Subject:
     """One simulated scan: image (HU), lesion mask, true cluster label and lesion records.
 
     ``lesions`` holds one dict per lesion: ``centre_mm`` (physical x, y, z, LPS), ``diameter_mm``,
-    ``hu``, ``side`` ("right"/"left") and ``zone`` ("upper"/"middle"/"lower", of the centre).
+    ``hu``, ``side`` ("right"/"left") and ``zone`` ("upper"/"middle"/"lower", of the centre); with a base CT
+    also ``base_centre_mm``, the centre in the undeformed base.
     ``lung`` is the ground-truth lung mask (uint8, same geometry) the lesions were placed in.
     """
 
@@ -525,35 +534,92 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q
 
 
-def _site_distance(info: _LungInfo, spec: LesionSpec, rng: np.random.Generator) -> np.ndarray:
-    """Distance (mm) of every lung voxel to the spec's site in one lung (its side, or a random one); inf elsewhere."""
-    side = spec.side if spec.side != "any" else ("right", "left")[int(rng.integers(2))]
+def _site_point(info: _LungInfo, spec: LesionSpec, side: str) -> np.ndarray:
+    """Physical point (mm) at the spec's site fractions of one lung's bounding box."""
     on_side = info.side == side
     lo, hi = info.pts[on_side].min(0), info.pts[on_side].max(0)
     frac = np.asarray(spec.site, dtype=float)
     if side == "left":  # lateral is +x for the left lung, -x for the right (LPS)
         frac[0] = 1.0 - frac[0]
-    return np.where(on_side, np.linalg.norm(info.pts - (lo + frac * (hi - lo)), axis=1), np.inf)
+    return lo + frac * (hi - lo)
 
 
-def _insert_lesions(img: np.ndarray, info: _LungInfo, spec: LesionSpec, p: ScenarioParams,
-                    rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
-    """Insert p.n_lesions lesions of spec into img (in place); return the mask and lesion records."""
-    ref = info.ref
-    sp = np.asarray(ref.GetSpacing())
-    nx, ny, nz = ref.GetSize()
-    d_mat = np.asarray(ref.GetDirection()).reshape(3, 3)
-    mask = np.zeros(img.shape, bool)
+def _site_distance(info: _LungInfo, spec: LesionSpec, rng: np.random.Generator,
+                   anchor: np.ndarray | None = None) -> np.ndarray:
+    """Distance (mm) of every lung voxel to the spec's site (or to anchor) in one lung; inf elsewhere."""
+    side = spec.side if spec.side != "any" else ("right", "left")[int(rng.integers(2))]
+    point = anchor if anchor is not None else _site_point(info, spec, side)
+    return np.where(info.side == side, np.linalg.norm(info.pts - point, axis=1), np.inf)
+
+
+def _room(p: ScenarioParams) -> float:
+    """Depth (mm) inside the lung that a lesion centre needs: that of the largest lesion of any cluster.
+
+    Every cluster places its centres by it, so that lesion sites are distributed alike in all clusters
+    (small lesions are not allowed nearer the pleura than large ones).
+    """
+    widest = max(c.diameter_mm[1] for c in p.clusters) / 2.0 * math.exp(4.0 * p.shape_jitter / 3.0)
+    return widest + p.edge_mm / 2.0 + p.margin_mm
+
+
+def _allowed(info: _LungInfo, spec: LesionSpec) -> np.ndarray:
+    """Lung voxels in the spec's zone and side."""
     allowed = np.ones(info.flat.size, bool)
     if spec.zone != "any":
         allowed &= info.zone == spec.zone
     if spec.side != "any":
         allowed &= info.side == spec.side
+    return allowed
+
+
+def _base_sites(info: _LungInfo, p: ScenarioParams) -> dict[int, np.ndarray]:
+    """Per cluster with a site on a fixed side: the base lung's point nearest that site with room for the lesions.
+
+    Room there is asked for the whole jitter and a deformation's worth more; a lung without that much gets the
+    deepest point of the cluster's zone and side. Mapped into
+    each deformed subject, the point gives every subject the same anatomical site, also in lungs whose
+    bounding-box site lies too near the pleura for the lesion.
+    """
+    depth = info.dist.ravel()[info.flat]
+    sites = {}
+    for i, spec in enumerate(p.clusters):
+        if spec.site is None or spec.side == "any":
+            continue
+        to_site = np.where(_allowed(info, spec), np.linalg.norm(info.pts - _site_point(info, spec, spec.side), axis=1),
+                           np.inf)
+        d = np.where(depth >= _room(p) + spec.jitter_mm + DEFORMATION_MM, to_site, np.inf)
+        if np.isfinite(d.min()):
+            sites[i] = info.pts[int(np.argmin(d))]
+        elif np.isfinite(to_site.min()):  # no such room: the deepest point of the zone and side
+            sites[i] = info.pts[int(np.argmax(np.where(np.isfinite(to_site), depth, -np.inf)))]
+    return sites
+
+
+def _to_subject(tx: sitk.Transform, point: np.ndarray, iterations: int = 20) -> np.ndarray:
+    """The subject point that tx (subject to base, as used to resample the base) maps onto a base point."""
+    q = np.asarray(point, float)
+    for _ in range(iterations):
+        step = np.asarray(point) - np.asarray(tx.TransformPoint(q.tolist()))
+        q = q + step
+        if np.linalg.norm(step) < 0.01:
+            break
+    return q
+
+
+def _insert_lesions(img: np.ndarray, info: _LungInfo, spec: LesionSpec, p: ScenarioParams,
+                    rng: np.random.Generator, anchor: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Insert p.n_lesions lesions of spec into img (in place); return the mask and lesion records.
+
+    ``anchor`` (physical mm) replaces the site's bounding-box point when given.
+    """
+    ref = info.ref
+    sp = np.asarray(ref.GetSpacing())
+    nx, ny, nz = ref.GetSize()
+    d_mat = np.asarray(ref.GetDirection()).reshape(3, 3)
+    mask = np.zeros(img.shape, bool)
+    allowed = _allowed(info, spec)
     dist = info.dist.ravel()[info.flat]
-    # every cluster places its centres by the largest lesion of any cluster, so that lesion sites are
-    # distributed alike in all clusters (small lesions are not allowed nearer the pleura than large ones)
-    widest = max(c.diameter_mm[1] for c in p.clusters) / 2.0 * math.exp(4.0 * p.shape_jitter / 3.0)
-    room = widest + p.edge_mm / 2.0 + p.margin_mm
+    room = _room(p)
     records: list[dict] = []
     for _ in range(int(p.n_lesions)):
         diameter = float(rng.uniform(*spec.diameter_mm))
@@ -565,7 +631,7 @@ def _insert_lesions(img: np.ndarray, info: _LungInfo, spec: LesionSpec, p: Scena
         need = radius * axes.max() + p.edge_mm / 2.0 + p.margin_mm
         cand = allowed & (dist >= room)
         if spec.site is not None:  # within the jitter of the site, or the nearest places that have room
-            to_site = np.where(cand, _site_distance(info, spec, rng), np.inf)
+            to_site = np.where(cand, _site_distance(info, spec, rng, anchor), np.inf)
             cand &= to_site <= max(spec.jitter_mm, float(np.min(to_site)) + 1e-6)
         for rec in records:  # keep lesions apart
             gap = np.linalg.norm(info.pts - np.asarray(rec["_centre"]), axis=1)
@@ -757,6 +823,7 @@ def make_cohort(scenario: str = "size", n_per_cluster: int = 20, seed: int = 0, 
     if base is not None:
         small = _prepare_base(_without_lesion(base, base_lesion) if base_lesion is not None else base, size_t)
         lung_ref = _base_lung(small, base_lung)
+        sites = _base_sites(_LungInfo(sitk.GetArrayFromImage(lung_ref) > 0, small), p)
         run_params["base"] = {
             "sha256": _image_digest(base),
             "size": list(base.GetSize()),
@@ -764,22 +831,26 @@ def make_cohort(scenario: str = "size", n_per_cluster: int = 20, seed: int = 0, 
             "grid_size": list(small.GetSize()),
             "grid_spacing": list(small.GetSpacing()),
             "base_lung_given": base_lung is not None,
+            "sites_mm": {str(i): [float(c) for c in point] for i, point in sites.items()},
             "base_lesion_voxels": None if base_lesion is None else int(np.count_nonzero(
                 sitk.GetArrayViewFromImage(base_lesion))),
         }
     subjects: list[Subject] = []
     for i, (label, ss) in enumerate(zip(labels, child_seeds)):
         rng = np.random.default_rng(ss)
+        anchor = None
         if base is None:
             anat = _sample_anatomy(rng, v)
             ref = _empty_image(size_t, spacing_t)
             arr, lung = _phantom_arrays(size_t, spacing_t, anat, rng)
         else:
             ref = small
+            anchor = sites.get(int(label))
             if v > 0:
                 tx = _base_transform(small, v, rng)
                 img_s = sitk.Resample(small, small, tx, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
                 lung_s = sitk.Resample(lung_ref, small, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+                anchor = None if anchor is None else _to_subject(tx, anchor)
             else:
                 img_s, lung_s = small, lung_ref
             arr = sitk.GetArrayFromImage(img_s).astype(np.float32)
@@ -788,7 +859,11 @@ def make_cohort(scenario: str = "size", n_per_cluster: int = 20, seed: int = 0, 
         arr *= np.float32(1.0 + rng.uniform(-1.0, 1.0) * p.hu_scale_jitter)
         arr += np.float32(rng.uniform(-1.0, 1.0) * p.hu_offset_jitter)
         info = _LungInfo(lung, ref)
-        mask, records = _insert_lesions(arr, info, p.clusters[int(label)], p, rng)
+        mask, records = _insert_lesions(arr, info, p.clusters[int(label)], p, rng, anchor)
+        if base is not None:
+            for rec in records:
+                where = tx.TransformPoint(rec["centre_mm"]) if v > 0 else rec["centre_mm"]
+                rec["base_centre_mm"] = [float(c) for c in where]
         arr += rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(p.noise_hu)
         subjects.append(Subject(
             id=f"{scenario}-{i:03d}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,23 @@ def test_base_ct_path_on_a_real_ct() -> None:
         m, lung = arr(s.lesion) > 0, arr(s.lung) > 0
         assert m.any() and not (m & ~lung).any()
         assert (equivalent_diameter(s) < 16.0) if s.label == 0 else (equivalent_diameter(s) > 22.0)
+
+
+def test_base_ct_lesions_share_one_anatomical_site_where_the_box_site_has_no_room() -> None:
+    base, base_lung = make_phantom(seed=5, size=(96, 96, 40), spacing=(3.6, 3.6, 8.0))
+    near_pleura = (0.05, 0.5, 0.5)  # the lung's lateral edge: no room for a 25 mm lesion there
+    spec = LesionSpec((24.0, 26.0), (20.0, 40.0), side="right", site=near_pleura)
+    params = ScenarioParams(clusters=(spec, replace(spec, hu=(-460.0, -440.0))))
+    cohort = make_cohort("intensity", n_per_cluster=4, seed=3, base=base, base_lung=base_lung, params=params,
+                         size=(96, 96, 40))
+    sites = {int(k): np.asarray(v) for k, v in cohort.params["base"]["sites_mm"].items()}
+    assert sites[0] == pytest.approx(sites[1])  # both clusters' lesions are placed alike
+    lung = arr(base_lung) > 0
+    depth = ndimage.distance_transform_edt(lung, sampling=(8.0, 3.6, 3.6))
+    index = base.TransformPhysicalPointToIndex(sites[0].tolist())
+    assert depth[index[::-1]] >= 12.5  # room for the lesion at the site in the base
+    for s in cohort.subjects:
+        moved = np.asarray(s.lesions[0]["base_centre_mm"])  # the lesion centre in the undeformed base
+        assert np.linalg.norm(moved - sites[s.label]) <= spec.jitter_mm + 2.0
+        m, lung_s = arr(s.lesion) > 0, arr(s.lung) > 0
+        assert m.any() and not (m & ~lung_s).any()

@@ -26,6 +26,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "CLAM"))
 
+from CLAMLib.demo import scored
 from CLAMLib.imageio import atomic_path, read_image, write_image
 from CLAMLib.preprocess import lung_mask
 
@@ -95,8 +96,8 @@ def run_base(name: str, lesion: Path, seed: int, out: Path, extra: list[str], th
 def table(results: dict[str, dict], seed: int) -> str:
     """Markdown rows: accuracy at the true k and the default map's localisation, per base and scenario."""
     lines = [f"Seed {seed}; `clam demo --base <CT> --base-lesion <its tumour> {' '.join(DEMO)}`", "",
-             "| base | scenario | accuracy | ARI | default map: pointing game | ROC-AUC | mass ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "| base | scenario | accuracy | ARI | default map: pointing game | ROC-AUC | mass ratio | scored |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, result in results.items():
         true_k = result["settings"]["true_k"]
         default = result["settings"]["default_method"]
@@ -106,7 +107,7 @@ def table(results: dict[str, dict], seed: int) -> str:
             loc = next(r for r in result["localisation"] if r["scenario"] == row["scenario"] and r["k"] == true_k
                        and r["method"] == default)
             lines.append(f"| {name} | {row['scenario']} | {row['accuracy']:.3f} | {row['ari']:.3f} | "
-                         f"{loc['pointing_game']:.2f} | {loc['auc']:.3f} | {loc['mass_ratio']:.1f} |")
+                         f"{loc['pointing_game']:.2f} | {loc['auc']:.3f} | {loc['mass_ratio']:.1f} | {scored(loc)} |")
     return "\n".join(lines)
 
 

@@ -220,6 +220,13 @@ def _sweep(args: argparse.Namespace, bar: tqdm) -> list[dict[str, Any]]:
     return rows
 
 
+def scored(row: dict[str, Any]) -> str:
+    """Subjects scored out of all, for a localisation row ("?" for rows from before the count was kept)."""
+    if "n_scored" not in row:
+        return "?"
+    return f"{row['n_scored']}/{row['n_scored'] + row['n_skipped']}"
+
+
 def _markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [
@@ -249,13 +256,15 @@ def _markdown(results: dict[str, Any]) -> str:
                                                      + f" (R^2 {r['reconstruction_r2']:.2f})" for r in rows) + " |")
     lines += ["", "## Localisation of the assigned cluster's map (inside the lungs)", "",
               f"Pointing game tolerance: one voxel of the activation grid ({s['tolerance']} model voxels). "
-              "Mass ratio: share of map mass in the lesion over the lesion's share of the lung (1 = chance).", "",
-              "| scenario | k | method | pointing game | ROC-AUC | mass in lesion | mass ratio | s / subject |",
-              "|---|---|---|---|---|---|---|---|"]
+              "Mass ratio: share of map mass in the lesion over the lesion's share of the lung (1 = chance). "
+              "Scored: subjects whose lesion covers at least half a model voxel (smaller lesions vanish from the "
+              "model grid and are not scored).", "",
+              "| scenario | k | method | pointing game | ROC-AUC | mass in lesion | mass ratio | scored | s / subject |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["localisation"]:
         name = r["method"] + (" (default)" if r["method"] == DEFAULT_METHOD else "")
         lines.append(f"| {r['scenario']} | {r['k']} | {name} | {r['pointing_game']:.2f} | {r['auc']:.3f} | "
-                     f"{r['mass_share']:.3f} | {r['mass_ratio']:.1f} | {r['seconds_per_subject']:.3f} |")
+                     f"{r['mass_share']:.3f} | {r['mass_ratio']:.1f} | {scored(r)} | {r['seconds_per_subject']:.3f} |")
     if results["sweep"]:
         lines += ["", "## Accuracy against anatomy variation (location scenario, k = 2)", "",
                   "| anatomy variation | registration | accuracy | ARI | NMI |", "|---|---|---|---|---|"]

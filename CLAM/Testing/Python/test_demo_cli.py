@@ -27,6 +27,8 @@ def test_demo_writes_table_maps_and_figures(tmp_path, capsys) -> None:
     methods = {r["method"] for r in results["localisation"]}
     assert {"ig", "clam", "scorecam", "gradient", "occlusion", "random"} <= methods
     assert "| size | 2 |" in (out / "results.md").read_text()
+    ig = next(r for r in results["localisation"] if r["method"] == "ig" and r["k"] == 2)
+    assert f"| {ig['n_scored']}/6 |" in (out / "results.md").read_text()  # subjects scored of the 6
     subject = out / "maps" / "size" / "size-000"
     ct = sitk.ReadImage(str(subject / "ct.nrrd"))
     (overlay,) = subject.glob("ig_cluster*.nrrd")

@@ -576,9 +576,9 @@ def _base_sites(info: _LungInfo, p: ScenarioParams) -> dict[int, np.ndarray]:
     """Per cluster with a site on a fixed side: the base lung's point nearest that site with room for the lesions.
 
     Room there is asked for the whole jitter and a deformation's worth more; a lung without that much gets the
-    deepest point of the cluster's zone and side. Mapped into
-    each deformed subject, the point gives every subject the same anatomical site, also in lungs whose
-    bounding-box site lies too near the pleura for the lesion.
+    deepest point of the cluster's zone and side. Mapped into each deformed subject, the point gives every
+    subject the same anatomical site, also in lungs whose bounding-box site lies too near the pleura for the
+    lesion.
     """
     depth = info.dist.ravel()[info.flat]
     sites = {}

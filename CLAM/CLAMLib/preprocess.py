@@ -26,7 +26,7 @@ crop box and the template coincide; `Prepared.transform` maps template index poi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -307,8 +307,13 @@ class Preprocessor:
         lung = sitk.GetArrayFromImage(_resample(lungs.coarse, grid, sitk.sitkLinear, 0.0, sitk.sitkFloat32)) > 127.5
         return Gridded(array, lung, Geometry.from_image(image), grid)
 
-    def fit_grids(self, grids: Iterable[Gridded]) -> Preprocessor:
-        """Learn the normalisation constant and, when registering, the template from the cohort's to_grid results."""
+    def fit_grids(self, grids: Iterable[Gridded], shard: Callable[[list], list] = list,
+                  total: Callable[[np.ndarray], np.ndarray] = np.asarray) -> Preprocessor:
+        """Learn the normalisation constant and, when registering, the template from the cohort's to_grid results.
+
+        Under torchrun, ``shard`` gives this rank's part of a list and ``total`` sums an array over the ranks, so
+        each rank registers only its part of the cohort to the template.
+        """
         config = self.config
         scale, count, kept = -math.inf, 0, []
         for grid in grids:
@@ -326,8 +331,11 @@ class Preprocessor:
         if kept:
             first = _mean([g.lung.astype(np.float32) for g in kept])
             fixed = _Template(first, first > 0.5)
-            moved = [(g, _register(fixed, g.lung.astype(np.float32), "affine")) for g in kept]
-            template = _mean([_warp(g.lung.astype(np.float32), t, 0.0) for g, t in moved])
+            warped = np.zeros(first.shape, dtype=np.float64)
+            for g in shard(kept):
+                lung = g.lung.astype(np.float32)
+                warped += _warp(lung, _register(fixed, lung, "affine"), 0.0)
+            template = (total(warped) / len(kept)).astype(np.float32)
             template_lung = template > 0.5
         self.scale_ = scale
         self.template_ = None if template is None else _Template(template, template_lung)

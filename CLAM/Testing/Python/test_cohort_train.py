@@ -146,3 +146,19 @@ def test_two_gloo_ranks_match_one_process_and_map_each_scan_once(scans: Path, re
     assert len(list(maps.glob("map-rank*.log"))) == 2
     with open(maps / "assignments.csv") as f:
         assert len(f.read().splitlines()) == 9
+
+
+def test_two_gloo_ranks_share_the_template_registration(scans: Path, tmp_path: Path) -> None:
+    args = [*[a for a in TRAIN_ARGS if a != "--no-qc"], "--no-qc", "--register", "affine"]
+    single = run_clam(["train", str(scans), "--out", str(tmp_path / "one"), *args])
+    assert single.returncode == 0, single.stderr[-3000:]
+    done = run_clam(["train", str(scans), "--out", str(tmp_path / "two"), *args], torchrun=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = re.findall(r"rank (\d) of 2 read and preprocessed 4 of 8 scans; registered (\d+) to the lung template",
+                        done.stderr)
+    assert sorted(counts) == [("0", "4"), ("1", "4")], done.stderr[-3000:]  # each rank registered its half
+    one, two = CLAMModel.load(tmp_path / "one"), CLAMModel.load(tmp_path / "two")
+    np.testing.assert_allclose(two.preprocessor_.template_.image, one.preprocessor_.template_.image, atol=1e-6)
+    assert np.array_equal(two.preprocessor_.template_.lung, one.preprocessor_.template_.lung)
+    single_run = json.loads((tmp_path / "one" / "model.json").read_text())["training"]
+    assert json.loads((tmp_path / "two" / "model.json").read_text())["training"]["labels"] == single_run["labels"]

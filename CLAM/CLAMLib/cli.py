@@ -298,18 +298,12 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
 
     mine = ctx.shard(scans)
     records = ctx.unshard([gridded(scan) for scan in tqdm(mine, desc="checking scans", disable=quiet)], len(scans))
-    registered: list = []
-
-    def my_part(items: list) -> list:
-        """This rank's share of the scans to register to the lung template (all of them in one process)."""
-        registered[:] = ctx.shard(items)
-        return registered
-
     def summed(values: np.ndarray) -> np.ndarray:
         """The sum of every rank's array (gathered as objects, so any backend and device will do)."""
         return np.sum(ctx.unshard([values], ctx.world), axis=0)
 
-    preprocessor.fit_grids([grid for _, grid in records if grid is not None], my_part, summed)
+    grids = [grid for _, grid in records if grid is not None]
+    preprocessor.fit_grids(grids, ctx.shard, summed)  # each rank registers its share to the lung template
     usable = [(scan, row, grid) for scan, (row, grid) in zip(scans, records) if grid is not None]
     bar = tqdm(ctx.shard(usable), desc="preprocessing", disable=quiet)
     outcomes = ctx.unshard([finished(scan, grid) for scan, _, grid in bar], len(usable))
@@ -323,7 +317,7 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
     if ctx.active:
         names = ", ".join(s.id for s in mine[:5]) + (" ..." if len(mine) > 5 else "")
         # one write per line, so that the ranks' lines do not interleave on a shared stderr
-        template = f"; registered {len(registered)} to the lung template" if config.register != "none" else ""
+        template = f"; registered {len(ctx.shard(grids))} to the lung template" if config.register != "none" else ""
         sys.stderr.write(f"clam train: rank {ctx.rank} of {ctx.world} read and preprocessed {len(mine)} of "
                          f"{len(scans)} scans{template}: {names}\n")
     return preprocessor, used, prepared, [row for row, _ in records]

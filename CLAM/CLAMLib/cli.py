@@ -298,6 +298,7 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
 
     mine = ctx.shard(scans)
     records = ctx.unshard([gridded(scan) for scan in tqdm(mine, desc="checking scans", disable=quiet)], len(scans))
+
     def summed(values: np.ndarray) -> np.ndarray:
         """The sum of every rank's array (gathered as objects, so any backend and device will do)."""
         return np.sum(ctx.unshard([values], ctx.world), axis=0)

@@ -149,7 +149,7 @@ def test_two_gloo_ranks_match_one_process_and_map_each_scan_once(scans: Path, re
 
 
 def test_two_gloo_ranks_share_the_template_registration(scans: Path, tmp_path: Path) -> None:
-    args = [*[a for a in TRAIN_ARGS if a != "--no-qc"], "--no-qc", "--register", "affine"]
+    args = [*TRAIN_ARGS, "--register", "affine"]
     single = run_clam(["train", str(scans), "--out", str(tmp_path / "one"), *args])
     assert single.returncode == 0, single.stderr[-3000:]
     done = run_clam(["train", str(scans), "--out", str(tmp_path / "two"), *args], torchrun=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from datetime import datetime, timezone
@@ -15,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import BundleError
+from .fingerprint import sha256_file
 from .imageio import atomic_path
 from .model import Architecture, ClusterNet
 
@@ -23,15 +23,6 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def sha256_file(path: PathLike) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:

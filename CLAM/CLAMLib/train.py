@@ -258,7 +258,7 @@ class Checkpoint:
         """Write the state of `stage` after `epoch` completed epochs."""
         from safetensors.torch import save_file
 
-        from .bundle import sha256_file
+        from .fingerprint import sha256_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"state-{stage}-{epoch:05d}.safetensors"
@@ -276,7 +276,7 @@ class Checkpoint:
         """The card and tensors of the checkpoint, checked against this run's data and settings."""
         from safetensors.torch import load_file
 
-        from .bundle import sha256_file
+        from .fingerprint import sha256_file
 
         fix = f"delete {self.folder} to start afresh, or drop --resume"
         try:

@@ -31,6 +31,7 @@ from .cohort import Scan
 from .distributed import SINGLE, DistContext
 from .errors import CLAMError, InputError
 from .imageio import atomic_path, check_image, read_image, write_image
+from .paths import output_path
 from .preprocess import LUNG_CLOSING_MM, LungMask, find_lungs
 from .qc import lung_volume_litres, map_picture, qc_picture
 
@@ -93,11 +94,11 @@ class CohortMapper:
         self.dist = dist or SINGLE
         self.verbose = verbose
         self.model_id = _model_id(model)
-        self.log_path = self.out / ("map.log" if not self.dist.active else f"map-rank{self.dist.rank}.log")
+        self.log_path = output_path(self.out, "map.log" if not self.dist.active else f"map-rank{self.dist.rank}.log")
 
     def folder(self, scan: Scan) -> Path:
-        """Output folder of one scan."""
-        return self.out / "scans" / scan.id
+        """Output folder of one scan, checked to lie inside the output folder."""
+        return output_path(self.out, "scans", scan.id)
 
     def is_done(self, scan: Scan) -> bool:
         """True when the scan was completed earlier with the same bundle and settings."""
@@ -171,6 +172,8 @@ class CohortMapper:
 
     def run(self, scans: Sequence[Scan], redo: bool = False) -> list[ScanResult]:
         """Map this rank's share of the scans (skipping done ones), then on rank 0 write the CSV and averages."""
+        for scan in scans:  # every scan's folder is checked before anything is written
+            self.folder(scan)
         self.out.mkdir(parents=True, exist_ok=True)
         mine = self.dist.shard(scans)
         from tqdm.auto import tqdm
@@ -201,7 +204,7 @@ class CohortMapper:
     def write_table(self, results: Sequence[ScanResult]) -> Path:
         """assignments.csv: id, cluster, q per cluster, lung volume, status and reason for every scan."""
         k = self.model.k
-        path = self.out / "assignments.csv"
+        path = output_path(self.out, "assignments.csv")
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["id", "cluster", *[f"q{c}" for c in range(k)], "lung_volume_l", "status", "reason"])
@@ -231,7 +234,7 @@ class CohortMapper:
                 counts[r.cluster] += 1
         for c, total in sorted(sums.items()):
             mean = (total / counts[c]).astype(np.float32)
-            target = self.out / "clusters" / f"average_cluster{c}.nrrd"
+            target = output_path(self.out, "clusters", f"average_cluster{c}.nrrd")
             write_image(sitk.GetImageFromArray(mean), target)
             base = getattr(self.model, "cohort_mean_", None)
             map_picture(mean, target.with_suffix(".png"), f"cluster {c}: mean map over {counts[c]} scans", base)

@@ -270,6 +270,7 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
     from tqdm.auto import tqdm
 
     from .batch import checked_scan
+    from .paths import output_path
     from .preprocess import Preprocessor
 
     preprocessor = Preprocessor(config)
@@ -281,8 +282,8 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
 
     def gridded(scan: Scan) -> tuple[dict, Optional[Gridded]]:
         """A scan's report row and, when it is usable, the scan on its model grid."""
-        qc = qc_dir / f"{scan.id}.png" if qc_dir is not None else None
         try:
+            qc = output_path(qc_dir, f"{scan.id}.png") if qc_dir is not None else None
             image, lungs, volume = checked_scan(scan, config.ndim, qc, config.closing_mm)
             grid = preprocessor.to_grid(image, lungs)
         except CLAMError as exc:
@@ -374,6 +375,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None,
+                  line: Optional[str] = None) -> None:
+    """Print a warning as one line, `clam: warning: ...`, without the source location."""
+    text = " ".join(str(message).split())
+    print(f"clam: warning: {text}", file=file or sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `clam`."""
     parser = build_parser()
@@ -381,9 +389,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    warnings.simplefilter("default")
     try:
-        return {"demo": cmd_demo, "train": cmd_train, "map": cmd_map}[args.command](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
+            return {"demo": cmd_demo, "train": cmd_train, "map": cmd_map}[args.command](args)
     except CLAMError as exc:
         print(f"clam {args.command}: error: {exc}", file=sys.stderr)
         return 2

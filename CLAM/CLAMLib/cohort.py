@@ -3,33 +3,40 @@
 from __future__ import annotations
 
 import csv
-import re
+import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 from .errors import InputError
+from .paths import safe_id
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass(frozen=True)
 class Scan:
-    """One scan of a cohort: a stable id and where it is."""
+    """One scan of a cohort: a stable id, safe as one folder name (made so on creation), and where it is."""
 
     id: str
     path: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", safe_id(self.id, fallback=_stem(Path(self.path).name)))
+
+
+def _stem(name: str) -> str:
+    """A file or folder name (or a relative path) without its image suffix."""
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
 
 def _scan_id(path: Path, root: Path) -> str:
     rel = path.relative_to(root) if path != root and root in path.parents else Path(path.name)
-    name = str(rel)
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "scan"
+    return safe_id(_stem(str(rel)))
 
 
 def _is_dicom_folder(folder: Path) -> bool:
@@ -61,7 +68,17 @@ def _from_manifest(path: Path) -> list[Scan]:
         rows = list(csv.DictReader(f))
     if not rows or not {"id", "path"} <= set(rows[0]):
         raise InputError(f"manifest {path} needs a header with the columns 'id' and 'path' and one row per scan.")
-    return [Scan(r["id"].strip(), (path.parent / r["path"].strip()).resolve()) for r in rows]
+    scans = []
+    for line, row in enumerate(rows, start=2):
+        given, where = (row.get("id") or "").strip(), (row.get("path") or "").strip()
+        if not where:
+            raise InputError(f"manifest {path}, line {line}: the path is empty; give each row an id and a path.")
+        scan = Scan(given, (path.parent / where).resolve())
+        if scan.id != given:
+            warnings.warn(f"manifest {path}, line {line}: id {given!r} is not a safe folder name (letters, digits, "
+                          f"'.', '_' and '-', not empty, no leading dot); using {scan.id!r}", stacklevel=2)
+        scans.append(scan)
+    return scans
 
 
 def _excluded(scan: Scan, root: Path | None, exclude: Sequence[str]) -> bool:
@@ -76,8 +93,9 @@ def find_scans(inputs: Iterable[Union[str, Path]], exclude: Sequence[str] = ()) 
     Scans whose file or folder name, or path under a folder given, matches an `exclude` pattern (fnmatch style,
     e.g. '*_label.nrrd') are left out.
     """
+    items = [Path(item) for item in inputs]
     scans: list[Scan] = []
-    for item in map(Path, inputs):
+    for item in items:
         if not item.exists():
             raise InputError(f"{item} does not exist; give image files, DICOM folders, folders of scans or a CSV.")
         root = None
@@ -96,5 +114,8 @@ def find_scans(inputs: Iterable[Union[str, Path]], exclude: Sequence[str] = ()) 
     ids = [s.id for s in scans]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
-        raise InputError(f"scan ids {dupes} occur more than once; give each scan a distinct name or use a manifest.")
+        manifests = any(item.suffix.lower() == ".csv" for item in items)
+        fix = ("give each row of the manifest a distinct id" if manifests else
+               "give each scan a distinct name, or list them in a CSV manifest with columns id,path")
+        raise InputError(f"scan ids {dupes} occur more than once (the output folders are named by id); {fix}.")
     return scans

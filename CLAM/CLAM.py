@@ -8,6 +8,7 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -27,18 +29,16 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-if MODULE_DIR not in sys.path:  # CLAMLib and CLAMMRML live beside this file
-    sys.path.insert(0, MODULE_DIR)
+if MODULE_DIR not in sys.path:  # CLAMLib, CLAMMRML and CLAMDependencies live beside this file
+    sys.path.append(MODULE_DIR)
 
+import CLAMDependencies
 import CLAMMRML
 from CLAMMRML import CLAMResult
 
 logger = logging.getLogger(__name__)
 
-TORCH_REQUIREMENT = ">=2.1"
-# (import name, pip requirement) of the engine's packages besides torch, numpy and SimpleITK (Slicer's own)
-PIP_PACKAGES = (("safetensors", "safetensors>=0.4"), ("sklearn", "scikit-learn>=1.2"), ("scipy", "scipy>=1.9"),
-                ("tqdm", "tqdm>=4.60"))
+TORCH_REQUIREMENT = CLAMDependencies.TORCH_REQUIREMENT
 METHODS = {"default": "default", "faithful CLAM": "clam"}  # panel label -> engine method
 CONSOLE_EXAMPLE = """import CLAM
 ct = slicer.util.getNode("chest CT")
@@ -93,8 +93,9 @@ read the model card. A low, flat <i>q</i> (close to 1/k everywhere) means the sc
 <p><b>Python console:</b></p><pre>{CONSOLE_EXAMPLE}</pre>
 """
         self.parent.acknowledgementText = """
-Method: J. Ryan et al., "Cluster activation mapping with applications to computed tomography scans of the
-lung", J. Med. Imaging 9(2):026001, 2022, doi:10.1117/1.JMI.9.2.026001. Extension by the CLAM team.
+Method: Sarah Ryan, Nichole Carlson, Harris Butler, Tasha Fingerlin, Lisa Maier, Fuyong Xing, "Cluster activation
+mapping with application to computed tomography scans of the lung", J. Med. Imaging 9(2):026001, 2022,
+doi:10.1117/1.JMI.9.2.026001. Extension by the CLAM team.
 """
 
 
@@ -369,11 +370,15 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missingPackages() -> list[str]:
-        """pip requirements of engine packages that are not importable."""
-        return [req for name, req in PIP_PACKAGES if importlib.util.find_spec(name) is None]
+        """Requirements of Resources/requirements.txt that are not installed (or too old)."""
+        return CLAMDependencies.missing_requirements()
 
     def ensureDependencies(self, askConfirmation: bool = True) -> None:
-        """Make torch (through PyTorchUtils) and the other packages importable, asking before installing."""
+        """Make torch (through PyTorchUtils) and the packages of requirements.txt importable, asking first.
+
+        Call it outside any wait cursor or busy state: it may show dialogs, and the installation itself
+        cannot be cancelled once started.
+        """
         if importlib.util.find_spec("torch") is None:
             try:
                 import PyTorchUtils
@@ -387,14 +392,7 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
                                           "PyTorch Utils module, then press Apply again.")
         missing = self.missingPackages()
         if missing:
-            text = ("CLAM needs these Python packages, which will be downloaded and installed now "
-                    f"(a few minutes):\n\n{', '.join(missing)}\n\nSlicer's own numpy is kept.")
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(text, "CLAM: install packages"):
-                raise CLAMDependencyError(f"Missing Python packages: {', '.join(missing)}.")
-            import numpy
-
-            # pinning numpy keeps pip from replacing Slicer's numpy while resolving scikit-learn / scipy
-            slicer.util.pip_install(" ".join([*missing, f"numpy=={numpy.__version__}"]))
+            self._installPackages(missing, askConfirmation)
         import torch
 
         def release(version: str) -> tuple[int, ...]:
@@ -403,6 +401,37 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
         if release(torch.__version__) < release(TORCH_REQUIREMENT):
             raise CLAMDependencyError(f"PyTorch {torch.__version__} is too old; CLAM needs {TORCH_REQUIREMENT}. "
                                       "Update it in the PyTorch Utils module and restart Slicer.")
+
+    @staticmethod
+    def _installPackages(missing: list[str], askConfirmation: bool) -> None:
+        """Install the missing packages with Slicer's pip (pip_ensure from Slicer 5.12), Slicer's numpy kept."""
+        hint = CLAMDependencies.manual_install_hint(missing)
+        text = _("CLAM needs these Python packages, which will now be downloaded and installed:\n\n{packages}\n\n"
+                 "This takes a few minutes and cannot be cancelled once started. Slicer's own numpy is kept.").format(
+            packages="\n".join(missing))
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(text, _("CLAM: install packages")):
+            raise CLAMDependencyError(_("CLAM cannot run without: {packages}. To install them yourself, type in "
+                                        "the Python console: {hint}").format(packages=", ".join(missing), hint=hint))
+        import numpy
+
+        with tempfile.TemporaryDirectory(prefix="CLAM-pip-") as folder:
+            # pinning numpy keeps pip from replacing Slicer's numpy while resolving scikit-learn or matplotlib
+            constraints = pathlib.Path(folder, "constraints.txt")
+            constraints.write_text(f"numpy=={numpy.__version__}\n", encoding="utf-8")
+            try:
+                if importlib.util.find_spec("slicer.packaging") is not None:  # Slicer 5.12 and later
+                    importlib.import_module("slicer.packaging").pip_ensure(
+                        missing, constraints=constraints, prompt_install=False, requester="CLAM")
+                else:
+                    slicer.util.pip_install([*missing, "-c", str(constraints)])
+            except (subprocess.CalledProcessError, OSError, RuntimeError) as error:
+                raise CLAMDependencyError(_("Installing {packages} failed (no network, or a proxy?). Install them "
+                                            "yourself in Slicer's Python console: {hint}, then restart Slicer."
+                                            ).format(packages=", ".join(missing), hint=hint)) from error
+        still = CLAMDependencies.missing_requirements()
+        if still:
+            raise CLAMDependencyError(_("Still missing after installation: {packages}. Restart Slicer, or install "
+                                        "them yourself: {hint}").format(packages=", ".join(still), hint=hint))
 
     @staticmethod
     def describeDevices(importTorch: bool = False) -> str:

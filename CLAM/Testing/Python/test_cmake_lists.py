@@ -30,11 +30,11 @@ def cmake_list(text: str, name: str) -> list[str]:
 
 
 def test_module_cmakelists_lists_every_script_and_resource():
-    """Each CLAMLib/*.py, CLAM.py, CLAMMRML.py and every file under Resources/ is listed, and nothing else."""
+    """Each CLAMLib/*.py, each CLAM/*.py and every file under Resources/ is listed, and nothing else."""
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
     scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     resources = cmake_list(text, "MODULE_PYTHON_RESOURCES")
-    on_disk_scripts = {"CLAM.py", "CLAMMRML.py"} | {
+    on_disk_scripts = {p.name for p in MODULE_DIR.glob("*.py")} | {
         p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "CLAMLib").rglob("*.py")
         if "__pycache__" not in p.parts}
     on_disk_resources = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*")
@@ -80,7 +80,7 @@ def test_extensions_index_entry():
     assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/")
     assert entry["category"] == values["EXTENSION_CATEGORY"]
     assert entry["build_dependencies"] == ["PyTorch"]
-    assert entry["scm_url"].removesuffix(".git") == values["CLAM_REPOSITORY_URL"]
+    assert values["EXTENSION_HOMEPAGE"].startswith(entry["scm_url"].removesuffix(".git") + "#")
     assert entry["scm_url"].rstrip("/").split("/")[-1].startswith("Slicer")  # the repository name
     assert not "CLAM".startswith("Slicer")  # the extension name must not
 
@@ -95,3 +95,34 @@ def test_license_icon_and_screenshot():
         assert header[:8] == b"\x89PNG\r\n\x1a\n", path
         if size:
             assert struct.unpack(">II", header[16:24]) == size
+
+
+# The Extensions Index's checker (Slicer/ExtensionsIndex, scripts/check_description_files.py,
+# check_cmakelists_content) reads these from the raw text with these patterns; it expands no ${VAR}.
+INDEX_PROJECT_PATTERN = r"project\s*\(\s*([^\s\)\n\r]+)"
+INDEX_ICON_PATTERN = r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)'
+INDEX_SCREENSHOTS_PATTERN = r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)'
+RAW_PREFIX = "https://raw.githubusercontent.com/clam-team/SlicerCLAM/main/"
+
+
+def test_extensions_index_reads_literal_urls_of_files_in_the_repository():
+    """Project name, icon and screenshot URLs as the index's checker finds them: literal, https, files here."""
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    flags = re.IGNORECASE | re.MULTILINE
+    assert re.findall(INDEX_PROJECT_PATTERN, text, flags)[0] == ROOT.joinpath("CLAM.json").stem
+    icons = re.findall(INDEX_ICON_PATTERN, text, flags)
+    screenshots = re.findall(INDEX_SCREENSHOTS_PATTERN, text, flags)
+    assert icons and screenshots, "the index's checker finds no EXTENSION_ICONURL or EXTENSION_SCREENSHOTURLS"
+    entry = json.loads((ROOT / "CLAM.json").read_text())
+    raw = entry["scm_url"].removesuffix(".git").replace("https://github.com/", "https://raw.githubusercontent.com/")
+    assert RAW_PREFIX == f"{raw}/{entry['scm_revision']}/"
+    for url in [icons[0].strip(), *screenshots[0].split()]:
+        assert "${" not in url and url.startswith(RAW_PREFIX), url
+        file = ROOT / url.removeprefix(RAW_PREFIX)
+        assert file.is_file() and file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{url} names no PNG here"
+
+
+def test_cmake_minimum_of_the_current_extension_template():
+    """The top-level CMake minimum is the one Slicer's current extension template asks for."""
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert text.startswith("cmake_minimum_required(VERSION 3.28.0...3.28.0 FATAL_ERROR)\n")

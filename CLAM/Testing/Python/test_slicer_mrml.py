@@ -438,6 +438,7 @@ def _import_clam_module_with_stubs(monkeypatch):
             pass
 
     module("qt", QTimer=QTimer)
+    module("slicer.i18n", tr=lambda text: text)
     module("slicer.ScriptedLoadableModule", ScriptedLoadableModule=Base, ScriptedLoadableModuleLogic=Base,
            ScriptedLoadableModuleWidget=Base, ScriptedLoadableModuleTest=Base)
     module("slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls,
@@ -452,7 +453,7 @@ def test_clam_logic_process_headless(ct, tiny_bundle, monkeypatch):
     """CLAMLogic.process, the console entry point, runs end to end on real MRML (Slicer GUI parts stubbed)."""
     clam = _import_clam_module_with_stubs(monkeypatch)
     logic = clam.CLAMLogic()
-    assert logic.missingPackages() == []
+    assert logic.missingPackages() == []  # Resources/requirements.txt all installed
     before = fingerprint(ct)
     seen = []
     result = logic.process(ct, tiny_bundle, clusters="all", device="CPU", method="faithful CLAM",

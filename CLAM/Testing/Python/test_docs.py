@@ -65,3 +65,43 @@ def test_every_relative_link_resolves():
                 continue
             path = (document.parent / target.split("#")[0]).resolve()
             assert path.exists(), f"{document.relative_to(ROOT)} links to missing {target}"
+
+
+def section(text: str, heading: str) -> str:
+    """The body of a '## heading' section of a markdown text."""
+    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, flags=re.MULTILINE | re.DOTALL)
+    assert match, f"no section '{heading}'"
+    return match.group(1)
+
+
+def test_readme_is_short_and_links_every_docs_page():
+    """The README stays under 12 KB; the research record lives in docs/, each page linked from it."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.encode("utf-8")) < 12 * 1024
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert {"simulation-study.md", "real-anatomy.md", "map-design.md", "performance.md"} <= pages
+    linked = set(re.findall(r"\]\(docs/([\w.-]+\.md)\)", readme))
+    assert pages == linked, f"docs pages not linked from the README: {sorted(pages - linked)}"
+
+
+def test_readme_names_the_panel_as_the_panel_does():
+    """Every *label* and **button** the README's Slicer section names is a label, group or button of CLAM.ui."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    steps = " ".join(section(readme, "Your first map in 3D Slicer").split())
+    ui = (ROOT / "CLAM" / "Resources" / "UI" / "CLAM.ui").read_text(encoding="utf-8")
+    texts = {t.rstrip(":") for t in re.findall(r"<string>([^<]+)</string>", ui)}
+    named = set(re.findall(r"(?<![*\w])\*([A-Z][^*]+?)\*(?!\*)", steps)) | set(re.findall(r"\*\*(\w+)\*\*", steps))
+    assert {"Input CT", "Model bundle", "Apply", "Demo"} <= named
+    assert named <= texts, f"named in the README but not in the panel: {sorted(named - texts)}"
+    assert "Input volume" not in readme
+
+
+def test_readme_and_help_agree_on_the_quick_demo():
+    """The time `clam demo --quick` takes is the one its --help gives."""
+    from CLAMLib.cli import build_parser
+
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
+    quick = next(a.help for a in demo._actions if "--quick" in a.option_strings)
+    duration = re.search(r"\((about [^)]+)\)", quick).group(1)
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert f"`clam demo --quick` runs one scenario at the true k ({duration})" in readme

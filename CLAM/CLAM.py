@@ -19,6 +19,7 @@ import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 TORCH_REQUIREMENT = CLAMDependencies.TORCH_REQUIREMENT
 METHODS = {"default": "default", "faithful CLAM": "clam"}  # panel label -> engine method
+DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}  # panel label -> engine and `clam train --device`
+DOCUMENTATION_URL = "https://github.com/clam-team/SlicerCLAM#readme"
 CONSOLE_EXAMPLE = """import CLAM
 ct = slicer.util.getNode("chest CT")
 result = CLAM.CLAMLogic().process(ct, CLAM.demoBundlePath(), clusters="all", device="auto")
@@ -73,11 +76,11 @@ class CLAM(ScriptedLoadableModule):
     def __init__(self, parent: Any) -> None:
         """Set the module's title, category, contributors, help and acknowledgement."""
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "CLAM"
-        self.parent.categories = ["Quantification"]
+        self.parent.title = _("CLAM")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = []
         self.parent.contributors = ["CLAM team"]
-        self.parent.helpText = f"""
+        self.parent.helpText = _("""
 <p>Cluster activation mapping (CLAM) explains a deep clustering model of chest CT: a model trained without
 labels groups scans into <i>k</i> clusters, and the map of a cluster shows which parts of this scan drive
 its membership in that cluster.</p>
@@ -90,13 +93,14 @@ are hidden. A map shows what the model used, not a diagnosis, and only within wh
 read the model card. A low, flat <i>q</i> (close to 1/k everywhere) means the scan fits no cluster well.</p>
 <p><b>Methods:</b> <i>default</i> is the engine's map, checked to localise simulated abnormalities;
 <i>faithful CLAM</i> is the paper's channel-weighted map, kept for comparison.</p>
-<p><b>Python console:</b></p><pre>{CONSOLE_EXAMPLE}</pre>
-"""
-        self.parent.acknowledgementText = """
+<p>See the <a href="{documentation}">documentation</a>.</p>
+<p><b>Python console:</b></p><pre>{example}</pre>
+""").format(documentation=DOCUMENTATION_URL, example=CONSOLE_EXAMPLE)
+        self.parent.acknowledgementText = _("""
 Method: Sarah Ryan, Nichole Carlson, Harris Butler, Tasha Fingerlin, Lisa Maier, Fuyong Xing, "Cluster activation
 mapping with application to computed tomography scans of the lung", J. Med. Imaging 9(2):026001, 2022,
 doi:10.1117/1.JMI.9.2.026001. Extension by the CLAM team.
-"""
+""")
 
 
 #
@@ -118,7 +122,7 @@ class CLAMParameterNode:
     colormap: Annotated[str, Choice(["inferno", "viridis", "magma", "plasma"])] = "inferno"
     shownCluster: int = -1
     trainUseFolder: bool = False
-    trainFolder: pathlib.Path = pathlib.Path.home()
+    trainFolder: pathlib.Path = pathlib.Path()  # none until chosen: training refuses it
     trainK: Annotated[int, WithinRange(2, 12)] = 3
     trainOutput: pathlib.Path = pathlib.Path.home() / "CLAM-models" / "my-model"
 
@@ -138,7 +142,9 @@ class CLAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: CLAMLogic | None = None
         self._parameterNode: CLAMParameterNode | None = None
         self._parameterNodeGuiTag = None
+        self._shown: tuple[str | None, str | None] = (None, None)  # (input node ID, model path) on screen
         self._training: CLAMMRML.BackgroundProcess | None = None
+        self._trainOutput: pathlib.Path | None = None
         self._trainTemp: str | None = None
         self._trainTimer = qt.QTimer()
         self._trainTimer.setInterval(500)
@@ -155,11 +161,10 @@ class CLAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = CLAMLogic()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.useDemoModelButton.connect("clicked(bool)", self.onUseDemo)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelCard)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.refreshResults)
         self.ui.shownClusterComboBox.connect("activated(int)", self.onShownCluster)
         self.ui.trainButton.connect("clicked(bool)", self.onTrain)
         self.ui.trainCancelButton.connect("clicked(bool)", self.onTrainCancel)
@@ -189,11 +194,19 @@ class CLAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def onSceneEndImport(self, caller: Any, event: Any) -> None:
+        """A loaded scene may hold CLAM outputs and a parameter node saved elsewhere."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
     def initializeParameterNode(self) -> None:
-        """Get the parameter node; pick a CT if none is chosen."""
+        """Get the parameter node; pick a CT if none is chosen; find the demo model again after an update."""
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        p = self._parameterNode
+        if not p.inputVolume:
+            p.inputVolume = next(iter(CLAMMRML.input_volumes(slicer.mrmlScene)), None)
+        if CLAMMRML.is_stale_demo_path(p.modelPath, demoBundlePath()):
+            p.modelPath = demoBundlePath()
 
     def setParameterNode(self, inputParameterNode: CLAMParameterNode | None) -> None:
         """Bind the GUI to a parameter node (connectGui) and observe it for live display updates."""
@@ -201,35 +214,38 @@ class CLAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
         self._parameterNode = inputParameterNode
+        self._shown = (None, None)
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
             self.onParameterChanged()
-            self.updateModelCard()
-            self.refreshResults()
 
     def onParameterChanged(self, caller: Any = None, event: Any = None) -> None:
-        """Enable Apply when ready; apply opacity, threshold and colour map to the maps at once."""
+        """Any change of the settings: Apply's state, the model card and results of the chosen input, display."""
         p = self._parameterNode
         ready = bool(p and p.inputVolume and (pathlib.Path(p.modelPath) / "model.json").is_file())
         self.ui.applyButton.enabled = ready and not self.ui.cancelButton.enabled
-        self.ui.applyButton.toolTip = "Compute the CLAM maps." if ready else "Select an input CT and a model bundle."
+        self.ui.applyButton.toolTip = (_("Compute the CLAM maps.") if ready
+                                       else _("Select an input CT and a model bundle."))
         self.ui.trainFolderPathLineEdit.enabled = bool(p and p.trainUseFolder)
         self.ui.trainVolumesSelector.enabled = not (p and p.trainUseFolder)
-        if p and p.inputVolume:
+        if not p:
+            return
+        shown = (p.inputVolume.GetID() if p.inputVolume else None, str(p.modelPath))
+        if shown[1] != self._shown[1]:
+            self.ui.modelCardLabel.text = CLAMLogic.modelCardSummary(p.modelPath)
+        if shown[0] != self._shown[0]:
+            self.refreshResults()
+        self._shown = shown
+        if p.inputVolume:
             maps = CLAMMRML.find_outputs(p.inputVolume, CLAMMRML.ROLE_MAP)
             CLAMMRML.set_display(maps, p.opacity, p.threshold, p.colormap)
-
-    def updateModelCard(self, *args: Any) -> None:
-        """Show the chosen bundle's model card summary (read from its JSON, without loading torch)."""
-        if self._parameterNode:
-            self.ui.modelCardLabel.text = CLAMLogic.modelCardSummary(self._parameterNode.modelPath)
 
     def onUseDemo(self) -> None:
         """Select the demo bundle."""
         self._parameterNode.modelPath = demoBundlePath()
 
-    def refreshResults(self, *args: Any) -> None:
+    def refreshResults(self) -> None:
         """Show the assignment, table and shown-cluster choice of the current input's existing outputs."""
         p = self._parameterNode
         volume = p.inputVolume if p else None
@@ -239,11 +255,15 @@ class CLAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsTableView.setMRMLTableNode(table)
         self.ui.assignedClusterLabel.text = table.GetAttribute("CLAM.Assignment") if table else "-"
         self.ui.shownClusterComboBox.clear()
-        for node in sorted(maps, key=lambda n: int(n.GetAttribute(CLAMMRML.CLUSTER_ATTRIBUTE))):
-            self.ui.shownClusterComboBox.addItem(f"Cluster {node.GetAttribute(CLAMMRML.CLUSTER_ATTRIBUTE)}",
-                                                 node.GetID())
-        index = self.ui.shownClusterComboBox.findText(f"Cluster {p.shownCluster}") if p else -1
-        self.ui.shownClusterComboBox.setCurrentIndex(max(index, 0))
+        clusters = sorted((int(n.GetAttribute(CLAMMRML.CLUSTER_ATTRIBUTE)), n.GetID()) for n in maps)
+        for cluster, nodeID in clusters:
+            self.ui.shownClusterComboBox.addItem(_("Cluster {cluster}").format(cluster=cluster), nodeID)
+        shown = [cluster for cluster, _nodeID in clusters]
+        self.ui.shownClusterComboBox.setCurrentIndex(shown.index(p.shownCluster) if p and p.shownCluster in shown
+                                                     else 0)
+        hidden = CLAMMRML.output_node_ids(slicer.mrmlScene)
+        for selector in (self.ui.inputVolumeSelector, self.ui.trainVolumesSelector):
+            selector.sortFilterProxyModel().setHiddenNodeIDs(hidden)
 
     def onShownCluster(self, index: int) -> None:
         """Show the chosen cluster's map over the CT."""
@@ -265,26 +285,37 @@ class CLAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = message
         slicer.app.processEvents()
 
+    def _ensureDependencies(self) -> bool:
+        """Install what is missing after asking, before any busy state or wait cursor; False if not done."""
+        try:
+            with slicer.util.tryWithErrorDisplay(_("CLAM cannot run yet.")):
+                self.logic.ensureDependencies(askConfirmation=True)
+        except CLAMDependencyError:
+            return False
+        return True
+
     def onApply(self) -> None:
         """Run CLAM on the input (installing dependencies after asking, on the first run)."""
         p = self._parameterNode
+        if not self._ensureDependencies():
+            return
         self._setBusy(True)
         self.ui.progressBar.value = 0
         try:
-            with slicer.util.tryWithErrorDisplay("CLAM failed.", waitCursor=True):
+            with slicer.util.tryWithErrorDisplay(_("CLAM failed."), waitCursor=True):
                 try:
                     result = self.logic.process(p.inputVolume, p.modelPath, clusters=p.clusters, device=p.device,
                                                 method=METHODS[p.method], opacity=p.opacity,
                                                 threshold=p.threshold, colormap=p.colormap,
                                                 shownCluster=p.shownCluster, progress=self._progress)
                 except CLAMCancelled:
-                    self.ui.statusLabel.text = "Cancelled."
+                    self.ui.statusLabel.text = _("Cancelled.")
                     return
                 p.shownCluster = result.assignment
                 q = ", ".join(f"{v:.2f}" for v in result.probabilities)
-                self.ui.statusLabel.text = f"Assigned cluster {result.assignment}; q = [{q}]."
+                self.ui.statusLabel.text = _("Assigned cluster {cluster}; q = [{q}].").format(
+                    cluster=result.assignment, q=q)
                 self.ui.deviceFoundLabel.text = CLAMLogic.describeDevices(importTorch=True)
-                self.updateModelCard()
         finally:
             self._setBusy(False)
             self.refreshResults()
@@ -296,17 +327,22 @@ class CLAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTrain(self) -> None:
         """Start `clam train` in a background process on the chosen volumes or folder."""
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
-            self.logic.ensureDependencies(askConfirmation=True)
+        if not self._ensureDependencies():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
             if p.trainUseFolder:
-                inputs = [str(p.trainFolder)]
+                folder = pathlib.Path(p.trainFolder)
+                if not folder.is_absolute() or not folder.is_dir():
+                    raise ValueError(_("Choose the folder of scans to train on first."))
+                inputs = [str(folder)]
             else:
                 nodes = list(self.ui.trainVolumesSelector.checkedNodes())
                 if len(nodes) < p.trainK:
-                    raise ValueError(f"Check at least {p.trainK} volumes (k = {p.trainK}), or use a folder.")
+                    raise ValueError(_("Check at least {k} volumes (k = {k}), or use a folder.").format(k=p.trainK))
                 self._trainTemp = tempfile.mkdtemp(prefix="CLAM-train-")
                 inputs = CLAMMRML.export_volumes(nodes, self._trainTemp)
-            self._training = self.logic.startTraining(inputs, p.trainK, p.trainOutput)
+            self._trainOutput = pathlib.Path(p.trainOutput).absolute()
+            self._training = self.logic.startTraining(inputs, p.trainK, self._trainOutput, device=p.device)
             self.ui.trainLogTextEdit.clear()
             self.ui.trainLogTextEdit.appendPlainText(" ".join(self._training.command))
             self.ui.trainProgressBar.value = 0
@@ -331,17 +367,21 @@ class CLAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._finishTraining(None)
 
     def _finishTraining(self, code: int | None) -> None:
-        """Report the end of training, offer the new bundle, clean temporary files."""
+        """Report the end of training, select the new bundle (the folder chosen at the start), clean up."""
         self._trainTimer.stop()
-        out = self._parameterNode.trainOutput if self._parameterNode else None
+        out = self._trainOutput
         if code is None:
-            self.ui.trainLogTextEdit.appendPlainText("Training cancelled.")
-        elif code == 0 and out and (pathlib.Path(out) / "model.json").is_file():
-            self.ui.trainLogTextEdit.appendPlainText(f"Done: bundle written to {out}; selected as the model.")
-            self._parameterNode.modelPath = pathlib.Path(out)
+            self.ui.trainLogTextEdit.appendPlainText(_("Training cancelled."))
+        elif code == 0 and out and (out / "model.json").is_file():
+            self.ui.trainLogTextEdit.appendPlainText(
+                _("Done: bundle written to {folder}; selected as the model.").format(folder=out))
+            self._shown = (self._shown[0], None)  # a bundle retrained in place gets its new card shown
+            self.logic.getParameterNode().modelPath = out
         else:
-            self.ui.trainLogTextEdit.appendPlainText(f"Training failed (exit code {code}); see the log above.")
+            self.ui.trainLogTextEdit.appendPlainText(
+                _("Training failed (exit code {code}); see the log above.").format(code=code))
         self._training = None
+        self._trainOutput = None
         if self._trainTemp:
             shutil.rmtree(self._trainTemp, ignore_errors=True)
             self._trainTemp = None
@@ -383,13 +423,13 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
             try:
                 import PyTorchUtils
             except ImportError as error:
-                raise CLAMDependencyError("CLAM needs PyTorch. Install the 'PyTorch' extension from the Extensions "
-                                          "Manager, restart Slicer, then press Apply again.") from error
+                raise CLAMDependencyError(_("CLAM needs PyTorch. Install the 'PyTorch' extension from the "
+                                            "Extensions Manager, restart Slicer, then press Apply again.")) from error
             torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
                                                                   torchVersionRequirement=TORCH_REQUIREMENT)
             if torch is None:
-                raise CLAMDependencyError("PyTorch is required but was not installed. Install it with the "
-                                          "PyTorch Utils module, then press Apply again.")
+                raise CLAMDependencyError(_("PyTorch is required but was not installed. Install it with the "
+                                            "PyTorch Utils module, then press Apply again."))
         missing = self.missingPackages()
         if missing:
             self._installPackages(missing, askConfirmation)
@@ -399,8 +439,9 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
             return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:2])
 
         if release(torch.__version__) < release(TORCH_REQUIREMENT):
-            raise CLAMDependencyError(f"PyTorch {torch.__version__} is too old; CLAM needs {TORCH_REQUIREMENT}. "
-                                      "Update it in the PyTorch Utils module and restart Slicer.")
+            raise CLAMDependencyError(_("PyTorch {version} is too old; CLAM needs {requirement}. Update it in the "
+                                        "PyTorch Utils module and restart Slicer.").format(
+                version=torch.__version__, requirement=TORCH_REQUIREMENT))
 
     @staticmethod
     def _installPackages(missing: list[str], askConfirmation: bool) -> None:
@@ -482,7 +523,7 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
         Creates or updates one overlay volume per mapped cluster (the input's exact geometry) and one table.
         """
         if volumeNode is None:
-            raise ValueError("No input volume selected.")
+            raise ValueError(_("No input volume selected."))
         self._cancel = False
         self.ensureDependencies(askConfirmation=True)
 
@@ -497,7 +538,7 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
         report(0.02, "reading the volume")
         image = CLAMMRML.volume_to_image(volumeNode)
         explanation = model.explain_image(image, clusters=clusters, method=METHODS.get(method, method),
-                                          device=device.lower(), progress=report)
+                                          device=DEVICES.get(device, device.lower()), progress=report)
         report(0.95, "writing maps to the scene")
         result = CLAMMRML.apply_result(volumeNode, explanation, opacity=opacity, threshold=threshold,
                                        colormap=colormap, shownCluster=shownCluster)
@@ -506,13 +547,14 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
                     f"q = {[round(float(v), 3) for v in result.probabilities]}")
         return result
 
-    def startTraining(self, inputs: Sequence[str], k: int, out: str | os.PathLike,
+    def startTraining(self, inputs: Sequence[str], k: int, out: str | os.PathLike, device: str = "auto",
                       extra: Sequence[str] = ()) -> CLAMMRML.BackgroundProcess:
-        """Run `clam train` (python -m CLAMLib.cli) in the background with Slicer's Python."""
+        """Run `clam train` (python -m CLAMLib.cli) in the background with Slicer's Python, on the chosen device."""
         python = shutil.which("PythonSlicer") or sys.executable
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([MODULE_DIR, *filter(None, [env.get("PYTHONPATH")])])
-        command = CLAMMRML.train_command(inputs, k, pathlib.Path(out).absolute(), python=python, extra=extra)
+        command = CLAMMRML.train_command(inputs, k, pathlib.Path(out).absolute(), python=python,
+                                         extra=["--device", DEVICES.get(device, device.lower()), *extra])
         return CLAMMRML.BackgroundProcess(command, cwd=MODULE_DIR, env=env)
 
 

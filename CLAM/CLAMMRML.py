@@ -153,11 +153,14 @@ def _hex_to_rgb(code: str) -> tuple[float, float, float]:
 
 
 def colormap_node(name: str = "inferno", scene: Any = None) -> Any:
-    """The (shared) 256-entry colour table node for a perceptual colour map, created once per scene."""
+    """Slicer's own colour table of that name when the scene has it, else a 256-entry copy made once per scene."""
     key = name.lower()
     if key not in COLORMAPS:
         raise ValueError(f"Unknown colour map '{name}'; choose one of {sorted(COLORMAPS)}")
     scene = _scene(scene)
+    slicers = scene.GetNodeByID(f"vtkMRMLColorTableNodeFile{key.capitalize()}.txt")  # Slicer's file-based tables
+    if slicers is not None:
+        return slicers
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
         candidate = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
         if candidate.GetAttribute(COLORMAP_ATTRIBUTE) == key:
@@ -217,14 +220,15 @@ def show_overlay(mapNode: Any, ctNode: Any, opacity: float = 0.5, threshold: flo
 
 
 def set_display(mapNodes: Iterable[Any], opacity: float, threshold: float, colormap: str) -> None:
-    """Live display update: threshold and colour map on every map node, opacity in every slice view."""
-    scene = None
+    """Live display update: threshold and colour map of the maps, opacity of the slice views showing one of them."""
+    mapNodes = list(mapNodes)
     for node in mapNodes:
         style_overlay(node, threshold, colormap)
-        scene = node.GetScene()
-    if scene is not None:
-        for composite in slice_composite_nodes(scene):
-            composite.SetForegroundOpacity(float(opacity))
+    ids = {node.GetID() for node in mapNodes}
+    if mapNodes:
+        for composite in slice_composite_nodes(mapNodes[0].GetScene()):
+            if composite.GetForegroundVolumeID() in ids:
+                composite.SetForegroundOpacity(float(opacity))
 
 
 # --- table ---------------------------------------------------------------------------------------
@@ -271,6 +275,27 @@ def find_outputs(ctNode: Any, role: str) -> list:
         if node.GetAttribute(ROLE_ATTRIBUTE) == role and node.GetNodeReference(INPUT_REFERENCE_ROLE) is ctNode:
             found.append(node)
     return found
+
+
+def output_node_ids(scene: Any) -> list[str]:
+    """IDs of every CLAM output node of the scene (maps and tables), to keep them out of input selectors."""
+    nodes = (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()))
+    return [node.GetID() for node in nodes if node.GetAttribute(ROLE_ATTRIBUTE)]
+
+
+def input_volumes(scene: Any) -> list:
+    """Scalar volume nodes of the scene that are not CLAM outputs: the candidates for the input CT."""
+    nodes = (scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))
+    return [node for node in nodes if not node.GetAttribute(ROLE_ATTRIBUTE)]
+
+
+def is_stale_demo_path(path: str | os.PathLike, demo: str | os.PathLike) -> bool:
+    """A saved path to the demo model of another installation (Slicer updated, extension moved) that is gone."""
+    path = Path(path)
+    if path == Path(demo) or (path / "model.json").is_file():
+        return False
+    return path.parts[-3:] == ("Resources", "Models", "clam-demo") or path.parts[-2:] == ("models", "clam-demo")
 
 
 def _mark_output(node: Any, ctNode: Any, role: str, cluster: int | None = None) -> None:
@@ -386,6 +411,19 @@ def train_command(inputs: Sequence[str], k: int, out: str | os.PathLike, python:
             "--out", str(out), "--progress-json", *extra]
 
 
+def popen_options(windows: bool | None = None) -> dict[str, Any]:
+    """Its own process group (so that cancel reaches its children) and, on Windows, no console window.
+
+    The console is hidden as slicer.util.launchConsoleProcess hides it (STARTF_USESHOWWINDOW, SW_HIDE).
+    """
+    if not (os.name == "nt" if windows is None else windows):
+        return {"start_new_session": True}
+    info = subprocess.STARTUPINFO()  # type: ignore[attr-defined]
+    info.dwFlags |= 1  # STARTF_USESHOWWINDOW
+    info.wShowWindow = 0  # SW_HIDE
+    return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP, "startupinfo": info}  # type: ignore[attr-defined]
+
+
 class BackgroundProcess:
     """A child process whose stdout is read by a thread; poll() from a GUI timer, cancel() kills its tree."""
 
@@ -398,14 +436,10 @@ class BackgroundProcess:
         self.cancelled = False
         self._lines: list[str] = []
         self._lock = threading.Lock()
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True
+        # any byte the child prints is read (undecodable ones replaced), so the pipe is always drained
         self.process = subprocess.Popen(self.command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                                        bufsize=1, **kwargs)
+                                        encoding="utf-8", errors="replace", bufsize=1, **popen_options())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

@@ -438,7 +438,7 @@ def _import_clam_module_with_stubs(monkeypatch):
             pass
 
     module("qt", QTimer=QTimer)
-    module("slicer.i18n", tr=lambda text: text)
+    module("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text)
     module("slicer.ScriptedLoadableModule", ScriptedLoadableModule=Base, ScriptedLoadableModuleLogic=Base,
            ScriptedLoadableModuleWidget=Base, ScriptedLoadableModuleTest=Base)
     module("slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls,

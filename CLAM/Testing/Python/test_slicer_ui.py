@@ -111,7 +111,7 @@ def test_ui_loads_and_has_every_widget_the_code_uses(loaded_ui):
     from PySide6.QtCore import QObject
 
     used = ui_names_used_by_code()
-    assert {"applyButton", "cancelButton", "inputVolumeSelector", "modelPathLineEdit"} <= used
+    assert {"applyButton", "cancelButton", "inputVolumeSelector", "modelCardLabel"} <= used
     missing = sorted(n for n in used if loaded_ui.findChild(QObject, n) is None)
     assert not missing, f"CLAM.py uses widgets missing from CLAM.ui: {missing}"
 
@@ -171,8 +171,9 @@ def test_module_metadata_and_console_example():
                    if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "CONSOLE_EXAMPLE")
     assert len(example.strip().splitlines()) == 5 and "CLAMLogic().process(" in example
     compile(example, "console-example", "exec")
-    for needle in ('self.parent.title = "CLAM"', 'self.parent.categories = ["Quantification"]',
-                   '"CLAM team"', "{CONSOLE_EXAMPLE}", "J. Med. Imaging 9(2):026001", "10.1117/1.JMI.9.2.026001"):
+    for needle in ('self.parent.title = _("CLAM")',
+                   'self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]',
+                   '"CLAM team"', "example=CONSOLE_EXAMPLE", "J. Med. Imaging 9(2):026001", "10.1117/1.JMI.9.2.026001"):
         assert needle in source, needle
     classes = {n.name for n in _tree().body if isinstance(n, ast.ClassDef)}
     assert {"CLAM", "CLAMParameterNode", "CLAMWidget", "CLAMLogic", "CLAMTest"} <= classes

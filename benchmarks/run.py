@@ -281,6 +281,95 @@ def bench_2d(device: torch.device, n_images: int, repeats: int, batch_size: int,
     return result
 
 
+# -- the default map (integrated gradients) against Captum ---------------------------------------------------
+
+IG_STEPS = 16  # the default map's steps (8 per baseline)
+IG_3D_GRID = 88
+
+
+def make_net(ndim: int, grid: int, k: int, pool: torch.Tensor, seed: int = 0) -> ClusterNet:
+    """Seeded random-initialised ClusterNet whose centroids sit at k pool images' embeddings (same encoder for every k)."""
+    torch.manual_seed(seed)
+    net = ClusterNet(Architecture(ndim=ndim, grid=grid), k).eval()
+    with torch.no_grad():
+        z = net.encoder(pool)
+        net.head.center.copy_(z.mean(0))
+        net.head.scale.copy_(z.std(0).clamp_min(1e-6))
+        net.head.centroids.copy_(net.head.normalise(z[:k]))
+    return net
+
+
+def captum_maps(net: ClusterNet, x: torch.Tensor, base: torch.Tensor, steps: int) -> torch.Tensor:
+    """The default map with Captum's IntegratedGradients run once per cluster, both baselines in each call (the
+    image twice, one baseline each, steps / 2 each, internal_batch_size = steps: one forward and one backward pass
+    per call), then the same channel sum, smoothing and positive part as ours: (k, *grid)."""
+    from captum.attr import IntegratedGradients
+
+    ig = IntegratedGradients(lambda inp: ex._log_odds(net.soft_assign(inp)))
+    pair, bases = torch.cat([x, x]), torch.cat([base, torch.zeros_like(x)])
+    half = steps // 2
+    attr = torch.stack([ig.attribute(pair, baselines=bases, target=c, n_steps=half, method="riemann_middle",
+                                     internal_batch_size=steps).mean(0) for c in range(net.k)])
+    return ex.smooth(attr.sum(1)).clamp_min(0)
+
+
+def ig_passes(net: ClusterNet, path: torch.Tensor, backward: int) -> None:
+    """The compute floor's passes: one forward over the path batch, then `backward` backward passes."""
+    with torch.enable_grad():
+        p = path.detach().requires_grad_(True)
+        q = net.soft_assign(p)
+        for c in range(backward):
+            torch.autograd.grad(q[:, c].sum(), p, retain_graph=c < backward - 1)
+
+
+def bench_ig(device: torch.device, repeats: int) -> dict[str, Any]:
+    """Default maps of all k clusters in one call against Captum run k times, and the IG floor, 2D 256 and 3D 88."""
+    out: dict[str, Any] = {"steps": IG_STEPS, "repeats": repeats}
+    for ndim, grid in ((2, GRID_2D), (3, IG_3D_GRID)):
+        out[f"{ndim}d_{grid}"] = _bench_ig_input(device, ndim, grid, repeats)
+    return out
+
+
+def _bench_ig_input(device: torch.device, ndim: int, grid: int, repeats: int) -> dict[str, Any]:
+    """bench_ig on one smooth random image of grid^ndim voxels, k = 2, 3, 4, contenders interleaved per repeat."""
+    gen = torch.Generator().manual_seed(ndim)
+    coarse = torch.rand((6, 1) + (8,) * ndim, generator=gen)
+    pool = F.interpolate(coarse, size=(grid,) * ndim, mode="bilinear" if ndim == 2 else "trilinear",
+                         align_corners=False).to(device)
+    x, base = pool[-1:], pool.mean(0, keepdim=True)
+    half = IG_STEPS // 2
+    alphas = ((torch.arange(half, device=device) + 0.5) / half).view(-1, *[1] * (ndim + 1))
+    path = torch.cat([b + alphas * (x - b) for b in (base, torch.zeros_like(x))])
+    nets = {k: make_net(ndim, grid, k, pool).to(device) for k in KS}
+    ctx = ex.ExplainContext(baseline=base)
+    contenders: dict[str, Callable[[int], Any]] = {
+        "ours": lambda k: ex.integrated_gradients(nets[k], x, ctx, IG_STEPS),
+        "captum": lambda k: captum_maps(nets[k], x, base, IG_STEPS),
+        "forward": lambda k: ig_passes(nets[k], path, 0),
+        "forward_backward": lambda k: ig_passes(nets[k], path, 1),
+    }
+    res: dict[str, Any] = {"max_abs_map_diff": {}, "per_k": {}}
+    for k in KS:  # warm-up, and the maps must agree
+        res["max_abs_map_diff"][k] = float((contenders["ours"](k) - contenders["captum"](k)).abs().max())
+    runs: dict[str, dict[int, list[float]]] = {name: {k: [] for k in KS} for name in contenders}
+    names = list(contenders)
+    for r in range(repeats):
+        for k in KS:
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                runs[name][k].append(timed(lambda n=name, kk=k: contenders[n](kk), device))
+    for k in KS:
+        row: dict[str, Any] = {name: summary(runs[name][k]) for name in names}
+        fwd = row["forward"]["median"]
+        bwd = max(row["forward_backward"]["median"] - fwd, 1e-9)
+        floor = fwd + (k - 1) * bwd
+        row.update(F_s=fwd, B_s=bwd, floor_s=floor, bound=k * (fwd + bwd) / floor,
+                   captum_over_ours=row["captum"]["median"] / row["ours"]["median"],
+                   ours_over_floor=row["ours"]["median"] / floor)
+        row["share_of_bound"] = row["captum_over_ours"] / row["bound"]
+        res["per_k"][k] = row
+    return res
+
+
 # -- bf16 on CUDA --------------------------------------------------------------------------------------------
 
 
@@ -439,6 +528,19 @@ def table(res: dict[str, Any]) -> str:
             share = f"{100 * e['share'][name]:.0f}%" if name in e["share"] else "(not counted)"
             lines.append(f"| {name} | {v:.2f} | {share} |")
         lines.append(f"| total | {e['total_median_s']:.2f} | 100% |")
+    if "ig" in res:
+        g = res["ig"]
+        for name, b in ((n, v) for n, v in g.items() if isinstance(v, dict) and "per_k" in v):
+            lines += ["", (f"Default map (IG, {g['steps']} steps, both baselines), {name.replace('_', ' grid ')}, one "
+                      f"image, median of {g['repeats']} interleaved repeats ({res['machine']['device']}):"), "",
+                      "| k | ours, all k (s) | Captum x k (s) | F (s) | B (s) | floor F+(k-1)B (s) | ours / floor "
+                      "(goal <= 1.3) | Captum / ours | bound k(F+B)/floor | share of bound (goal >= 0.9) | "
+                      "max map diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for k, row in b["per_k"].items():
+                lines.append(f"| {k} | {row['ours']['median']:.3f} | {row['captum']['median']:.3f} | "
+                             f"{row['F_s']:.3f} | {row['B_s']:.3f} | {row['floor_s']:.3f} | "
+                             f"{row['ours_over_floor']:.2f} | {row['captum_over_ours']:.2f} | {row['bound']:.2f} | "
+                             f"{row['share_of_bound']:.2f} | {b['max_abs_map_diff'][k]:.1e} |")
     if "bf16" in res:
         lines += ["", "| CUDA, 2 images | fp32 (s) | bf16 (s) | max map diff | within tolerance |", "|---|---|---|---|---|"]
         for name, v in res["bf16"].items():
@@ -457,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=None, help="2D slices per batch")
     ap.add_argument("--batch-size", type=int, default=64, help="masked inputs per pass (ours, peer, floor)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--only", choices=("2d", "3d", "bf16"), action="append", help="run only these parts")
+    ap.add_argument("--only", choices=("2d", "ig", "3d", "bf16"), action="append", help="run only these parts")
     ap.add_argument("--no-peer", action="store_true", help="skip pytorch-grad-cam")
     ap.add_argument("--random-images", action="store_true", help="smooth random images instead of phantom slices")
     ap.add_argument("--e2e-child", nargs=4, help=argparse.SUPPRESS)
@@ -470,12 +572,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 7)
-    parts = args.only or (["2d", "3d"] + (["bf16"] if device.type == "cuda" else []))
+    parts = args.only or (["2d", "ig", "3d"] + (["bf16"] if device.type == "cuda" else []))
     res: dict[str, Any] = {"machine": machine(device), "command": " ".join([Path(sys.executable).name] + sys.argv),
                            "quick": args.quick}
     if "2d" in parts:
         res["bench_2d"] = bench_2d(device, args.images or (2 if args.quick else 4), repeats, args.batch_size,
                                    not args.no_peer, not args.random_images)
+    if "ig" in parts:
+        res["ig"] = bench_ig(device, repeats)
     if "3d" in parts:
         res["bench_3d"] = bench_3d(args.out, 1 if args.quick else 3, args.device)
     if "bf16" in parts:

@@ -38,7 +38,7 @@ def test_attribution_is_complete(trained) -> None:
     net, x, _ = trained
     xi = torch.as_tensor(x[:1])[:, None]
     base = torch.as_tensor(x.mean(0))[None, None]
-    attr = ig_attribution(net, xi, base, steps=128)
+    attr = ig_attribution(net, xi, base, steps=128)[:, 0]
     with torch.no_grad():
         q = net.soft_assign(torch.cat([xi, base])).clamp(1e-7, 1 - 1e-7)
     odds = torch.log(q) - torch.log1p(-q)

@@ -443,34 +443,38 @@ def make_bundle(ct_path: Path, path: Path) -> str:
 
 
 def e2e_child(ct: Path, bundle: Path, out: Path, device: str) -> dict[str, Any]:
-    """One end-to-end run in this fresh process: read, preprocess, maps of every cluster, resample back, write."""
+    """One end-to-end run in this fresh process, as `clam map` does it: read, preprocess, default maps of every
+    cluster, resample back over the crop box, write one uint8 overlay per cluster."""
     marks = [("start", time.perf_counter())]
     from CLAMLib.estimator import load_bundle
-    from CLAMLib.imageio import read_image, write_image
+    from CLAMLib.explain import normalise_map
+    from CLAMLib.imageio import read_image
+    from CLAMLib.overlay import native_map, write_map
     marks.append(("import", time.perf_counter()))
     model = load_bundle(bundle, device=device)
     marks.append(("load bundle", time.perf_counter()))
     image = read_image(ct)
     marks.append(("read CT", time.perf_counter()))
-    stages = {0.3: "preprocess", 0.8: "CLAM maps (all clusters)", 1.0: "resample back"}
-
-    def progress(fraction: float, message: str) -> None:
-        if fraction in stages:
-            sync(torch.device(device))
-            marks.append((stages[fraction], time.perf_counter()))
-
-    res = model.explain_image(image, clusters="all", device=device, progress=progress)
-    for c, m in res.maps.items():
-        write_image(m, out / f"map_cluster{c}.nrrd")
+    prepared = model.prepare([image])[0]
+    del image
+    marks.append(("preprocess", time.perf_counter()))
+    q, maps = model.explain([prepared], "default", device)
+    sync(torch.device(device))
+    marks.append(("default maps (all clusters)", time.perf_counter()))
+    overlays = {c: native_map(model.preprocessor_, normalise_map(m), prepared) for c, m in enumerate(maps[0])}
+    marks.append(("resample back", time.perf_counter()))
+    paths = [write_map(o, out / f"map_cluster{c}.nrrd") for c, o in overlays.items()]
     marks.append(("write overlays", time.perf_counter()))
     times = {name: t - marks[i][1] for i, (name, t) in enumerate(marks[1:])}
     return {"stages": times, "total_s": sum(v for k, v in times.items() if k != "import"),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "n_overlays": len(res.maps), "size": list(image.GetSize())}
+            "n_overlays": len(paths), "overlay_mb": sum(p.stat().st_size for p in paths) / 2**20,
+            "size": list(overlays[0].GetSize())}
 
 
-def bench_3d(out: Path, repeats: int, device: str) -> dict[str, Any]:
-    """3D end to end, each repeat in a fresh subprocess (for a clean peak-memory reading)."""
+def bench_3d(out: Path, repeats: int, device: str, before: Path | None = None) -> dict[str, Any]:
+    """3D end to end, each repeat in a fresh subprocess (for a clean peak-memory reading); with `before` (a checkout
+    of earlier code) its own end-to-end run alternates with ours in every repeat, on the same CT and bundle."""
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     ct, bundle = cache / "ct_512x512x300.nrrd", cache / "bundle_k3_g88"
@@ -480,18 +484,32 @@ def bench_3d(out: Path, repeats: int, device: str) -> dict[str, Any]:
     if not (bundle / "model.json").exists() and not any(bundle.glob("*.json")):
         what["bundle"] = make_bundle(ct, bundle)
     (cache / "what.json").write_text(json.dumps(what))
-    runs = []
-    for _ in range(repeats):
-        cmd = [sys.executable, __file__, "--e2e-child", str(ct), str(bundle), str(out / "overlays"), device]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            raise RuntimeError(f"end-to-end run failed:\n{proc.stderr[-3000:]}")
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    stages = {name: statistics.median(r["stages"][name] for r in runs) for name in runs[0]["stages"]}
-    total = statistics.median(r["total_s"] for r in runs)
-    return {**what, "device": device, "repeats": repeats, "stages_median_s": stages, "total_median_s": total,
-            "share": {k: v / total for k, v in stages.items() if k != "import"},
-            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs), "runs": runs}
+    trees = {"now": Path(__file__)} | ({"before": before / "benchmarks" / "run.py"} if before else {})
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for r in range(repeats):
+        for name in list(trees)[r % len(trees):] + list(trees)[: r % len(trees)]:
+            folder = out / f"overlays_{name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, str(trees[name]), "--e2e-child", str(ct), str(bundle), str(folder), device]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                raise RuntimeError(f"end-to-end run ({name}) failed:\n{proc.stderr[-3000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result.setdefault("overlay_mb", sum(p.stat().st_size for p in folder.glob("map_cluster*")) / 2**20)
+            runs[name].append(result)
+    res: dict[str, Any] = {**what, "device": device, "repeats": repeats, "before": str(before) if before else None}
+    for name, rs in runs.items():
+        stages = {k: statistics.median(r["stages"][k] for r in rs) for k in rs[0]["stages"]}
+        total = statistics.median(r["total_s"] for r in rs)
+        res[name] = {"stages_median_s": stages, "total_median_s": total,
+                     "share": {k: v / total for k, v in stages.items() if k != "import"},
+                     "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rs),
+                     "overlay_mb": statistics.median(r["overlay_mb"] for r in rs), "runs": rs}
+    if before:
+        res["now_over_before"] = res["now"]["total_median_s"] / res["before"]["total_median_s"]
+        res["now_over_before_per_repeat"] = statistics.median(
+            n["total_s"] / b["total_s"] for n, b in zip(runs["now"], runs["before"]))
+    return res
 
 
 # -- report --------------------------------------------------------------------------------------------------
@@ -522,12 +540,19 @@ def table(res: dict[str, Any]) -> str:
     if "bench_3d" in res:
         e = res["bench_3d"]
         lines += ["", (f"3D end to end, 512 x 512 x 300 CT, k = {E2E_K}, grid {E2E_GRID}, median of {e['repeats']} "
-                  f"({e['device']}); peak RSS {e['peak_rss_mb_max'] / 1024:.2f} GB:"), "",
-                  "| stage | s | share |", "|---|---|---|"]
-        for name, v in e["stages_median_s"].items():
-            share = f"{100 * e['share'][name]:.0f}%" if name in e["share"] else "(not counted)"
-            lines.append(f"| {name} | {v:.2f} | {share} |")
-        lines.append(f"| total | {e['total_median_s']:.2f} | 100% |")
+                  f"fresh processes each ({e['device']}):"), ""]
+        names = [n for n in ("before", "now") if n in e]
+        lines += ["| stage | " + " | ".join(f"{n} (s)" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+        for stage in dict.fromkeys(k for n in names for k in e[n]["stages_median_s"]):
+            cells = [e[n]["stages_median_s"].get(stage) for n in names]
+            lines.append(f"| {stage}{' (not counted)' if stage == 'import' else ''} | "
+                         + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")
+        lines.append("| total | " + " | ".join(f"{e[n]['total_median_s']:.2f}" for n in names) + " |")
+        lines.append("| peak RSS (GB) | " + " | ".join(f"{e[n]['peak_rss_mb_max'] / 1024:.2f}" for n in names) + " |")
+        lines.append("| overlays on disk (MB) | " + " | ".join(f"{e[n]['overlay_mb']:.1f}" for n in names) + " |")
+        if "now_over_before" in e:
+            lines += ["", (f"now / before: {e['now_over_before']:.2f} (medians), {e['now_over_before_per_repeat']:.2f} "
+                      "(median of per-repeat ratios; goal <= 0.5).")]
     if "ig" in res:
         g = res["ig"]
         for name, b in ((n, v) for n, v in g.items() if isinstance(v, dict) and "per_k" in v):
@@ -562,6 +587,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("2d", "ig", "3d", "bf16"), action="append", help="run only these parts")
     ap.add_argument("--no-peer", action="store_true", help="skip pytorch-grad-cam")
     ap.add_argument("--random-images", action="store_true", help="smooth random images instead of phantom slices")
+    ap.add_argument("--before", type=Path, default=None, metavar="DIR",
+                    help="3d: also run the end to end of an earlier checkout of CLAM (e.g. `git worktree add DIR "
+                         "COMMIT`), alternating with this one, and print the ratio")
+    ap.add_argument("--e2e-repeats", type=int, default=None, help="3d: fresh processes per checkout (default 3)")
     ap.add_argument("--e2e-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -581,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     if "ig" in parts:
         res["ig"] = bench_ig(device, repeats)
     if "3d" in parts:
-        res["bench_3d"] = bench_3d(args.out, 1 if args.quick else 3, args.device)
+        res["bench_3d"] = bench_3d(args.out, args.e2e_repeats or (1 if args.quick else 3), args.device, args.before)
     if "bf16" in parts:
         res["bf16"] = bench_bf16(device, repeats)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 Layout of the output folder:
     assignments.csv                  id, cluster, q0..q{k-1}, lung_volume_l, status, reason (one row per scan)
     map.log (map-rank{r}.log)        one line per scan: done, skipped or failed with the reason
-    scans/<id>/map_cluster{c}.nrrd   map of cluster c on the scan's exact geometry (or .nii.gz)
+    scans/<id>/map_cluster{c}.nrrd   map of cluster c on the scan's exact geometry (or .nii.gz), uint8 0..255 with
+                                     the scale 1/255 in the header (overlay.read_map gives 0..1)
     scans/<id>/qc.png                lung-mask outline on three orthogonal slices
     scans/<id>/result.json           soft assignment, cluster, lung volume
     scans/<id>/grid_maps.safetensors maps on the model grid (for the cluster averages)
@@ -31,6 +32,7 @@ from .cohort import Scan
 from .distributed import SINGLE, DistContext
 from .errors import CLAMError, InputError
 from .imageio import atomic_path, check_image, read_image, write_image
+from .overlay import native_map, write_map
 from .paths import output_path
 from .preprocess import LUNG_CLOSING_MM, LungMask, find_lungs
 from .qc import lung_volume_litres, map_picture, qc_picture
@@ -163,9 +165,7 @@ class CohortMapper:
         for c in chosen:
             m = normalise_map(maps[c])
             grid[f"cluster{c}"] = m.astype(np.float16)
-            native = model.preprocessor_.to_native(m, prepared)
-            write_image(native, folder / f"map_cluster{c}{FORMATS[self.fmt]}")
-            del native
+            write_map(native_map(model.preprocessor_, m, prepared), folder / f"map_cluster{c}{FORMATS[self.fmt]}")
         with atomic_path(folder / "grid_maps.safetensors") as tmp:
             save_file(grid, str(tmp))
         return ScanResult(scan.id, "ok", assignment, [float(v) for v in q], float(volume), rank=self.dist.rank)

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from .errors import BundleError, CLAMError, InputError
@@ -210,6 +212,14 @@ class Preprocessor:
 
     def to_native(self, grid_map: np.ndarray, prepared: Prepared) -> sitk.Image:
         """Float32 map on exactly the input image's geometry from a map on the model grid; zero outside the crop."""
+        values, index = self.native_box(grid_map, prepared)
+        full = np.zeros(tuple(reversed(_model_geometry(prepared.native, self.config.ndim).size)), np.float32)
+        full[box_slices(index, values.shape)] = values
+        return _image(full.reshape(tuple(reversed(prepared.native.size))), prepared.native)
+
+    def native_box(self, grid_map: np.ndarray, prepared: Prepared) -> tuple[np.ndarray, list[int]]:
+        """A map on the model grid resampled onto the input's voxels inside the crop box alone (outside it the map is
+        zero): float32 values (z-y-x) and the box's first voxel index (SimpleITK order) in the input's model geometry."""
         values = np.asarray(grid_map, dtype=np.float32)
         shape = (self.config.grid,) * self.config.ndim
         if values.shape != shape:
@@ -218,11 +228,16 @@ class Preprocessor:
             )
         if prepared.transform is not None:
             values = _warp(values, _inverse(prepared.transform, shape), 0.0)
-        work = _model_geometry(prepared.native, self.config.ndim)
-        mapped = _resample(_image(values, prepared.grid), work, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        if work == prepared.native:
-            return mapped
-        return _image(sitk.GetArrayViewFromImage(mapped)[None], prepared.native)
+        box, index = _crop_box(_model_geometry(prepared.native, self.config.ndim), prepared.grid)
+        extent = np.array(prepared.grid.spacing) * np.array(prepared.grid.size)
+        if np.allclose(extent, np.array(box.spacing) * np.array(box.size), rtol=1e-6, atol=0):
+            # the grid covers the box exactly, on the same axes: resampling is a linear zoom (half-voxel centres)
+            mode = "trilinear" if values.ndim == 3 else "bilinear"
+            zoomed = F.interpolate(torch.from_numpy(values)[None, None], size=tuple(reversed(box.size)), mode=mode,
+                                   align_corners=False)
+            return zoomed[0, 0].numpy(), index
+        mapped = _resample(_image(values, prepared.grid), box, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(mapped), index
 
     def grid_mask(self, mask: sitk.Image, prepared: Prepared) -> np.ndarray:
         """A binary mask on the input's geometry (e.g. a lesion) as a bool array on the model grid."""
@@ -299,7 +314,7 @@ class Preprocessor:
         crop = sitk.Clamp(
             sitk.RegionOfInterest(work, size, index), sitk.sitkFloat32, config.hu_min, config.hu_max
         )
-        crop = _outside_to_lung_mean(crop, lungs.coarse)
+        crop = _outside_to_lung_mean(crop, lungs, index)
         crop = _antialias(crop, grid.spacing)
         array = sitk.GetArrayFromImage(
             _resample(crop, grid, sitk.sitkLinear, config.hu_min, sitk.sitkFloat32)
@@ -378,14 +393,40 @@ class Gridded:
     grid: Geometry
 
 
-def _outside_to_lung_mean(crop: sitk.Image, coarse: sitk.Image) -> sitk.Image:
-    """The crop with every voxel outside the lungs set to the lungs' mean, before resampling (no bright rim)."""
-    lung = _resample(coarse, Geometry.from_image(crop), sitk.sitkLinear, 0, sitk.sitkUInt8) > 127
-    stats = sitk.LabelStatisticsImageFilter()
-    stats.Execute(crop, sitk.Cast(lung, sitk.sitkUInt8))
-    if not stats.HasLabel(1):
+def _outside_to_lung_mean(crop: sitk.Image, lungs: LungMask, index: list[int]) -> sitk.Image:
+    """The crop (first voxel `index` of the CT) with every voxel outside the lungs set to the lungs' mean, before
+    resampling (no bright rim)."""
+    lung = _lung_on_box(lungs, index, list(crop.GetSize()))
+    values = sitk.GetArrayFromImage(crop)
+    if not lung.any():
         raise InputError("no lung voxels inside the crop; check the scan covers the lungs")
-    return sitk.Mask(crop, sitk.Cast(lung, sitk.sitkUInt8), outsideValue=stats.GetMean(1))
+    values[~lung] = np.mean(values, where=lung, dtype=np.float64)
+    out = sitk.GetImageFromArray(values)
+    out.CopyInformation(crop)
+    return out
+
+
+def _lung_on_box(lungs: LungMask, index: list[int], size: list[int]) -> np.ndarray:
+    """The coarse lung mask linearly interpolated onto the CT's voxels in a box and cut at half (z-y-x bool), as
+    resampling it there gives: the coarse grid is the CT's shrunk by whole factors, so this is a linear zoom of the
+    coarse voxels around the box (with one coarse voxel of margin, so that edges clamp only where the mask's do)."""
+    coarse = sitk.GetArrayViewFromImage(lungs.coarse)
+    factors = list(reversed(lungs.factors))
+    first, last = list(reversed(index)), [i + n for i, n in zip(reversed(index), reversed(size))]
+    low = [max(0, f // k - 1) for f, k in zip(first, factors)]
+    high = [min(n, -(-e // k) + 1) for e, k, n in zip(last, factors, coarse.shape)]
+    block = torch.from_numpy(np.array(coarse[tuple(slice(a, b) for a, b in zip(low, high))]))
+    mode = "trilinear" if block.ndim == 3 else "bilinear"
+    zoomed = F.interpolate(block[None, None].float(), scale_factor=tuple(float(k) for k in factors), mode=mode,
+                           align_corners=False)[0, 0]
+    cut = zoomed[tuple(slice(f - a * k, e - a * k) for f, e, a, k in zip(first, last, low, factors))]
+    inside = cut >= 128  # the resampled uint8 mask above 127
+    covered = [min(e, n * k) - f for f, e, n, k in zip(first, last, coarse.shape, factors)]
+    if any(c < n for c, n in zip(covered, inside.shape)):  # voxels past the last whole coarse voxel lie outside it
+        full = torch.zeros(inside.shape, dtype=torch.bool)
+        full[tuple(slice(0, c) for c in covered)] = inside[tuple(slice(0, c) for c in covered)]
+        inside = full
+    return inside.numpy()
 
 
 def _lungs_from_air(air: np.ndarray, spacing: tuple[float, float, float], closing_mm: float) -> np.ndarray:
@@ -418,12 +459,23 @@ def _close_each_lung(mask: np.ndarray, radius: list[int]) -> np.ndarray:
         lung = mask[side]
         if not lung.any():
             continue
-        image = sitk.GetImageFromArray(lung.astype(np.uint8))
-        part = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(image, radius, sitk.sitkBall, 1, True)) > 0
+        part = _closing(lung, radius)
         inward = sign * columns[side[-1]]  # grows towards the midline
         edge = np.where(lung, inward, np.iinfo(np.int64).min).max(axis=2, keepdims=True)
         edge[~lung.any(axis=2, keepdims=True)] = np.iinfo(np.int64).max  # rows without lung: no limit
         closed[side] = part & (inward <= edge)
+    return closed
+
+
+def _closing(mask: np.ndarray, radius: list[int]) -> np.ndarray:
+    """Binary closing with a ball (radius per axis, SimpleITK order) and a safe border, computed over the mask's
+    bounding box grown by the radius only: the closing adds nothing farther out, so the result is the same."""
+    used = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)]
+    box = tuple(slice(max(0, u[0] - r), min(n, u[-1] + r + 1))
+                for u, r, n in zip(used, reversed(radius), mask.shape))
+    image = sitk.GetImageFromArray(mask[box].astype(np.uint8))
+    closed = np.zeros_like(mask)
+    closed[box] = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(image, radius, sitk.sitkBall, 1, True)) > 0
     return closed
 
 
@@ -586,6 +638,23 @@ def _image(values: np.ndarray, geometry: Geometry) -> sitk.Image:
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
     return image
+
+
+def _crop_box(work: Geometry, grid: Geometry) -> tuple[Geometry, list[int]]:
+    """The voxels of `work` that the model grid covers (its crop box): their geometry and first index."""
+    direction = np.array(work.direction).reshape(len(work.size), -1)
+    spacing, grid_spacing = np.array(work.spacing), np.array(grid.spacing)
+    first = direction.T @ (np.array(grid.origin) - np.array(work.origin)) / spacing - 0.5 * grid_spacing / spacing
+    low = np.clip(np.round(first + 0.5).astype(int), 0, work.size)
+    high = np.clip(np.round(first + 0.5 + np.array(grid.size) * grid_spacing / spacing).astype(int), low, work.size)
+    origin = np.array(work.origin) + direction @ (spacing * low)
+    box = Geometry(tuple(int(n) for n in high - low), work.spacing, tuple(origin.tolist()), work.direction)
+    return box, [int(i) for i in low]
+
+
+def box_slices(index: list[int], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """Array (z-y-x) slices of a box given by its first index (SimpleITK order) and its array shape."""
+    return tuple(slice(i, i + n) for i, n in zip(reversed(index), shape))
 
 
 def _model_geometry(native: Geometry, ndim: int) -> Geometry:

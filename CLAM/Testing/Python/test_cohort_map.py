@@ -14,6 +14,7 @@ from CLAMLib.cohort import find_scans
 from CLAMLib.errors import InputError
 from CLAMLib.estimator import CLAMModel
 from CLAMLib.imageio import read_image
+from CLAMLib.overlay import read_map
 from CLAMLib.train import TrainConfig
 from cohort_data import write_bad_scans, write_phantoms
 
@@ -61,9 +62,12 @@ def test_map_cohort_reports_bad_scans_and_writes_everything(cohort: dict, tmp_pa
         assert 2.0 < float(row["lung_volume_l"]) < 8.0
         image = read_image(path)
         for c in (0, 1):
-            m = sitk.ReadImage(str(out / "scans" / path.stem / f"map_cluster{c}.nrrd"))
+            written = out / "scans" / path.stem / f"map_cluster{c}.nrrd"
+            assert sitk.ReadImage(str(written)).GetPixelID() == sitk.sitkUInt8  # 0..255, the scale in the header
+            m = read_map(written)
             assert _same_geometry(m, image)
-            assert m.GetPixelID() == sitk.sitkFloat32 and 0 <= sitk.GetArrayViewFromImage(m).min()
+            values = sitk.GetArrayViewFromImage(m)
+            assert m.GetPixelID() == sitk.sitkFloat32 and 0 <= values.min() and 0 < values.max() <= 1
         assert (out / "scans" / path.stem / "qc.png").stat().st_size > 1000
         assert (out / "scans" / path.stem / ".done").is_file()
     clusters = {int(rows[p.stem]["cluster"]) for p in cohort["good"]}

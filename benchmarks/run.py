@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -401,8 +402,8 @@ def bench_bf16(device: torch.device, repeats: int) -> dict[str, Any]:
 # -- 3D end to end -------------------------------------------------------------------------------------------
 
 
-def make_ct(path: Path) -> str:
-    """A 512 x 512 x 300 CT file: the shared real chest CT resampled, or an upscaled phantom without it."""
+def make_ct(path: Path, size: tuple[int, int, int] = E2E_SIZE) -> str:
+    """A CT file of `size` voxels: the shared real chest CT resampled, or an upscaled phantom without it."""
     import SimpleITK as sitk
 
     src = ROOT.parent / "shared" / "data" / "chest_ct" / "lung1_image.nrrd"
@@ -412,10 +413,10 @@ def make_ct(path: Path) -> str:
         from CLAMLib.simulate import make_phantom
         image, what = make_phantom(seed=0)[0], "phantom (simulate.make_phantom) resampled"
     extent = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
-    spacing = [e / n for e, n in zip(extent, E2E_SIZE)]
+    spacing = [e / n for e, n in zip(extent, size)]
     origin = image.TransformContinuousIndexToPhysicalPoint([-0.5 + 0.5 * s / o for s, o in
                                                             zip(spacing, image.GetSpacing())])
-    out = sitk.Resample(image, list(E2E_SIZE), sitk.Transform(), sitk.sitkLinear, origin, spacing,
+    out = sitk.Resample(image, list(size), sitk.Transform(), sitk.sitkLinear, origin, spacing,
                         image.GetDirection(), -1000.0, sitk.sitkInt16)
     sitk.WriteImage(out, str(path), useCompression=True)
     return what
@@ -512,6 +513,64 @@ def bench_3d(out: Path, repeats: int, device: str, before: Path | None = None) -
     return res
 
 
+# -- clam train throughput -----------------------------------------------------------------------------------
+
+TRAIN_SIZE = (512, 512, 200)  # SimpleITK order
+TRAIN_COHORT = 100
+TRAIN_EPOCHS = (60, 30)  # clam train's defaults: pretraining and fine-tuning epochs
+
+
+def bench_train(out: Path, repeats: int, device: str, scans_per_epoch: int = 16) -> dict[str, Any]:
+    """`clam train` throughput at grid 88: preprocessing per scan (first time, and from the cache) and training per
+    epoch (pretraining and fine-tuning, on `scans_per_epoch` prepared scans), extrapolated to a cohort."""
+    from CLAMLib.batch import gridded_scan
+    from CLAMLib.cache import PreprocessCache
+    from CLAMLib.cohort import Scan
+    from CLAMLib.preprocess import PreprocessConfig, Preprocessor
+    from CLAMLib.train import TrainConfig, Trainer
+
+    cache_dir = out / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    ct = cache_dir / "ct_512x512x200.nrrd"
+    what = make_ct(ct, TRAIN_SIZE) if not ct.exists() else "resampled as make_ct does"
+    scan, config = Scan("ct", ct), PreprocessConfig(grid=E2E_GRID)
+    cold, warm = [], []
+    for r in range(repeats):
+        cache = PreprocessCache(out / f"train_cache_{r}")
+        shutil.rmtree(cache.folder, ignore_errors=True)
+        cold.append(timed(lambda c=cache: gridded_scan(scan, Preprocessor(config), None, c), torch.device("cpu")))
+        warm.append(timed(lambda c=cache: gridded_scan(scan, Preprocessor(config), None, c), torch.device("cpu")))
+        assert cache.hits == 1 and cache.misses == 1
+        shutil.rmtree(cache.folder, ignore_errors=True)
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.rand((scans_per_epoch, 1) + (11,) * 3, generator=gen)
+    arrays = F.interpolate(coarse, size=(E2E_GRID,) * 3, mode="trilinear", align_corners=False)[:, 0].numpy() - 0.5
+    stamps: dict[str, list[float]] = {"pretrain": [], "finetune": []}
+
+    def progress(fraction: float, stage: str, message: str) -> None:
+        if stage in stamps:
+            sync(torch.device(device))
+            stamps[stage].append(time.perf_counter())
+
+    epochs = repeats + 1  # the first epoch of each stage (set-up) is not counted
+    trainer = Trainer(Architecture(ndim=3, grid=E2E_GRID), TrainConfig(k=E2E_K, pretrain_epochs=epochs,
+                      finetune_epochs=epochs, tol=0.0, device=device), progress=progress, verbose=False)
+    trainer.fit(arrays)
+    per_epoch = {stage: statistics.median(np.diff(t)) for stage, t in stamps.items()}
+    per_scan = {stage: v / scans_per_epoch for stage, v in per_epoch.items()}
+    prep_cold, prep_warm = statistics.median(cold), statistics.median(warm)
+    train_per_scan = TRAIN_EPOCHS[0] * per_scan["pretrain"] + TRAIN_EPOCHS[1] * per_scan["finetune"]
+    cohort_s = TRAIN_COHORT * (prep_cold + train_per_scan)
+    return {"ct": what, "size": list(TRAIN_SIZE), "grid": E2E_GRID, "device": device, "repeats": repeats,
+            "scans_per_epoch": scans_per_epoch, "epochs": list(TRAIN_EPOCHS), "k": E2E_K,
+            "preprocess_first_s": summary(cold), "preprocess_cached_s": summary(warm),
+            "epoch_s": per_epoch, "epoch_per_scan_s": per_scan, "train_per_scan_s": train_per_scan,
+            "cohort": TRAIN_COHORT, "cohort_hours": cohort_s / 3600,
+            "scans_per_hour": TRAIN_COHORT / (cohort_s / 3600),
+            "hours_per_1000_scans": 1000 * (prep_cold + train_per_scan) / 3600,
+            "hours_per_1000_scans_cached": 1000 * (prep_warm + train_per_scan) / 3600}
+
+
 # -- report --------------------------------------------------------------------------------------------------
 
 
@@ -553,6 +612,19 @@ def table(res: dict[str, Any]) -> str:
         if "now_over_before" in e:
             lines += ["", (f"now / before: {e['now_over_before']:.2f} (medians), {e['now_over_before_per_repeat']:.2f} "
                       "(median of per-repeat ratios; goal <= 0.5).")]
+    if "train" in res:
+        t = res["train"]
+        lines += ["", (f"`clam train` throughput ({t['device']}), {t['size'][0]} x {t['size'][1]} x {t['size'][2]} CT, "
+                  f"grid {t['grid']}, k = {t['k']}, {t['epochs'][0]} + {t['epochs'][1]} epochs, medians of "
+                  f"{t['repeats']}:"), "", "| part | s |", "|---|---|",
+                  f"| preprocess one scan, first time | {t['preprocess_first_s']['median']:.2f} |",
+                  f"| preprocess one scan, from the cache | {t['preprocess_cached_s']['median']:.2f} |",
+                  f"| pretraining epoch, per scan | {t['epoch_per_scan_s']['pretrain']:.3f} |",
+                  f"| fine-tuning epoch, per scan | {t['epoch_per_scan_s']['finetune']:.3f} |",
+                  f"| training, all epochs, per scan | {t['train_per_scan_s']:.1f} |", "",
+                  (f"Cohort of {t['cohort']}: {t['cohort_hours']:.2f} h, {t['scans_per_hour']:.0f} scans per hour; "
+                   f"1,000 scans: {t['hours_per_1000_scans']:.1f} h ({t['hours_per_1000_scans_cached']:.1f} h with "
+                   "every scan already in the cache).")]
     if "ig" in res:
         g = res["ig"]
         for name, b in ((n, v) for n, v in g.items() if isinstance(v, dict) and "per_k" in v):
@@ -584,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=None, help="2D slices per batch")
     ap.add_argument("--batch-size", type=int, default=64, help="masked inputs per pass (ours, peer, floor)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--only", choices=("2d", "ig", "3d", "bf16"), action="append", help="run only these parts")
+    ap.add_argument("--only", choices=("2d", "ig", "3d", "train", "bf16"), action="append", help="run only these parts")
     ap.add_argument("--no-peer", action="store_true", help="skip pytorch-grad-cam")
     ap.add_argument("--random-images", action="store_true", help="smooth random images instead of phantom slices")
     ap.add_argument("--before", type=Path, default=None, metavar="DIR",
@@ -601,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 7)
-    parts = args.only or (["2d", "ig", "3d"] + (["bf16"] if device.type == "cuda" else []))
+    parts = args.only or (["2d", "ig", "3d", "train"] + (["bf16"] if device.type == "cuda" else []))
     res: dict[str, Any] = {"machine": machine(device), "command": " ".join([Path(sys.executable).name] + sys.argv),
                            "quick": args.quick}
     if "2d" in parts:
@@ -611,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         res["ig"] = bench_ig(device, repeats)
     if "3d" in parts:
         res["bench_3d"] = bench_3d(args.out, args.e2e_repeats or (1 if args.quick else 3), args.device, args.before)
+    if "train" in parts:
+        res["train"] = bench_train(args.out, 1 if args.quick else 3, args.device)
     if "bf16" in parts:
         res["bf16"] = bench_bf16(device, repeats)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .cache import CachedScan, PreprocessCache
 from .cohort import Scan
 from .distributed import SINGLE, DistContext
 from .errors import CLAMError, InputError
 from .imageio import atomic_path, check_image, read_image, write_image
 from .overlay import native_map, write_map
 from .paths import output_path
-from .preprocess import LUNG_CLOSING_MM, LungMask, find_lungs
+from .preprocess import LUNG_CLOSING_MM, Gridded, LungMask, Preprocessor, find_lungs
 from .qc import lung_volume_litres, map_picture, qc_picture
 
 FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
@@ -77,6 +78,26 @@ def checked_scan(scan: Scan, ndim: int, qc_path: Path | None = None,
     return image, lungs, volume
 
 
+def gridded_scan(scan: Scan, preprocessor: Preprocessor, qc_path: Path | None = None,
+                 cache: PreprocessCache | None = None) -> tuple[Gridded, float]:
+    """A scan on its model grid and its lung volume in litres, taken from the cache when it holds them (then the
+    scan is not read again), else made by checked_scan and to_grid and kept there; the QC picture is written."""
+    config = preprocessor.config
+    key = cache.key(scan.path, config) if cache is not None and cache.folder is not None else None
+    entry = cache.load(key) if key is not None else None
+    if entry is not None and (qc_path is None or (entry.qc_png is not None and entry.scan_id == scan.id)):
+        if qc_path is not None:
+            with atomic_path(qc_path) as tmp:
+                Path(tmp).write_bytes(entry.qc_png)
+        return entry.grid, entry.lung_volume_l
+    image, lungs, volume = checked_scan(scan, config.ndim, qc_path, config.closing_mm)
+    grid = preprocessor.to_grid(image, lungs)
+    if key is not None:
+        qc = qc_path.read_bytes() if qc_path is not None and qc_path.is_file() else None
+        cache.store(key, CachedScan(grid, volume, scan.id, qc))
+    return grid, volume
+
+
 def _reason(exc: BaseException) -> str:
     """One line naming what went wrong."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -88,13 +109,14 @@ class CohortMapper:
 
     def __init__(self, model: Any, out: str | Path, fmt: str = "nrrd", method: str = "default",
                  clusters: str = "all", qc: bool = True, device: str | None = None,
-                 dist: DistContext | None = None, verbose: bool = True) -> None:
+                 dist: DistContext | None = None, verbose: bool = True, cache: PreprocessCache | None = None) -> None:
         if fmt not in FORMATS:
             raise InputError(f"unknown map format {fmt!r}; use one of {', '.join(FORMATS)}.")
         self.model, self.out, self.fmt, self.method = model, Path(out), fmt, method
         self.clusters, self.qc, self.device = clusters, qc, device
         self.dist = dist or SINGLE
         self.verbose = verbose
+        self.cache = cache
         self.model_id = _model_id(model)
         self.log_path = output_path(self.out, "map.log" if not self.dist.active else f"map-rank{self.dist.rank}.log")
 
@@ -153,10 +175,8 @@ class CohortMapper:
 
         model = self.model
         (folder / DONE).unlink(missing_ok=True)
-        image, lungs, volume = checked_scan(scan, model.architecture.ndim, folder / "qc.png" if self.qc else None,
-                                            model.preprocessor_.config.closing_mm)
-        prepared = model.preprocessor_.transform(image, lungs)
-        del image  # the largest object; maps are resampled from the prepared geometry alone
+        grid, volume = gridded_scan(scan, model.preprocessor_, folder / "qc.png" if self.qc else None, self.cache)
+        prepared = model.preprocessor_.finish(grid)  # maps are resampled from the prepared geometry alone
         q, maps = model.explain([prepared], self.method, self.device)
         q, maps = q[0], maps[0]
         assignment = int(q.argmax())

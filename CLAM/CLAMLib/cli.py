@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from .errors import CLAMError, InputError
 
 if TYPE_CHECKING:
+    from .cache import PreprocessCache
     from .cohort import Scan
     from .distributed import DistContext
     from .preprocess import Gridded, Prepared, PreprocessConfig, Preprocessor
@@ -51,6 +52,22 @@ def _add_lung_closing(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lung-closing", type=float, default=LUNG_CLOSING, metavar="MM",
                    help=f"radius in mm of the closing of each lung in the lung mask (default: {LUNG_CLOSING:g}, "
                         "which takes in solid lesions touching the pleura or the diaphragm; 6 leaves most of them out)")
+
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                   help="preprocessing cache: each scan on the model grid under a hash of its content and the "
+                        "settings, so an unchanged scan is read and preprocessed once across train, map and --resume "
+                        "(default: OUT/cache; give train and map the same DIR to share it)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the preprocessing cache")
+
+
+def _cache(args: argparse.Namespace):
+    """The preprocessing cache chosen by --cache / --no-cache."""
+    from .cache import PreprocessCache
+    from .paths import output_path
+
+    return PreprocessCache(None if args.no_cache else (args.cache or output_path(args.out, "cache")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training report folder: loss curves, k selection, cluster sizes, QC pictures "
                             "(default: OUT/report)")
     train.add_argument("--no-qc", action="store_true", help="do not write a lung-mask QC picture per scan")
+    _add_cache(train)
     _add_common(train)
 
     mp = sub.add_parser(
@@ -169,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="file format of the maps: nrrd (.nrrd) or nifti (.nii.gz) (default: nrrd)")
     mp.add_argument("--no-qc", action="store_true", help="do not write a lung-mask QC picture per scan")
     mp.add_argument("--redo", action="store_true", help="map every scan again, also those finished earlier")
+    _add_cache(mp)
     _add_common(mp)
     return parser
 
@@ -229,7 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ndim = _cohort_ndim(scans)
         config = PreprocessConfig(grid=args.grid, ndim=ndim, register=args.register, closing_mm=args.lung_closing)
         qc_dir = None if args.no_qc else report_dir / "qc"
-        preprocessor, used, prepared, rows = _prepare_cohort(scans, config, qc_dir, ctx, quiet)
+        preprocessor, used, prepared, rows = _prepare_cohort(scans, config, qc_dir, ctx, quiet, _cache(args))
         if not prepared:
             raise InputError("no usable scans: every scan failed its checks (see the messages above).")
         model = CLAMModel(
@@ -260,7 +279,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Optional[Path], ctx: DistContext,
-                    quiet: bool) -> tuple[Preprocessor, list[Scan], list[Prepared], list[dict]]:
+                    quiet: bool, cache: Optional[PreprocessCache] = None
+                    ) -> tuple[Preprocessor, list[Scan], list[Prepared], list[dict]]:
     """Fit the preprocessing, prepare the usable scans and make a report row per scan (bad scans are left out).
 
     Each rank reads and preprocesses only its shard of the scans and writes their QC pictures; every rank ends with
@@ -269,7 +289,7 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
     import numpy as np
     from tqdm.auto import tqdm
 
-    from .batch import checked_scan
+    from .batch import gridded_scan
     from .paths import output_path
     from .preprocess import Preprocessor
 
@@ -284,8 +304,7 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
         """A scan's report row and, when it is usable, the scan on its model grid."""
         try:
             qc = output_path(qc_dir, f"{scan.id}.png") if qc_dir is not None else None
-            image, lungs, volume = checked_scan(scan, config.ndim, qc, config.closing_mm)
-            grid = preprocessor.to_grid(image, lungs)
+            grid, volume = gridded_scan(scan, preprocessor, qc, cache)
         except CLAMError as exc:
             return {"id": scan.id, "status": "failed", "reason": skip(scan, exc)}, None
         return {"id": scan.id, "status": "ok", "lung_volume_l": round(volume, 3), "reason": ""}, grid
@@ -352,7 +371,7 @@ def cmd_map(args: argparse.Namespace) -> int:
         model = load_bundle(args.model, device=device)
         scans = find_scans(args.scans, exclude=args.exclude)
         mapper = CohortMapper(model, args.out, fmt=args.format, method=args.method, clusters=args.clusters,
-                              qc=not args.no_qc, device=device, dist=ctx, verbose=not args.quiet)
+                              qc=not args.no_qc, device=device, dist=ctx, verbose=not args.quiet, cache=_cache(args))
         results = mapper.run(scans, redo=args.redo)
         failed = [r for r in results if r.status != "ok"]
         if ctx.main:

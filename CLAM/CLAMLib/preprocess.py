@@ -419,14 +419,12 @@ def _lung_on_box(lungs: LungMask, index: list[int], size: list[int]) -> np.ndarr
     mode = "trilinear" if block.ndim == 3 else "bilinear"
     zoomed = F.interpolate(block[None, None].float(), scale_factor=tuple(float(k) for k in factors), mode=mode,
                            align_corners=False)[0, 0]
-    cut = zoomed[tuple(slice(f - a * k, e - a * k) for f, e, a, k in zip(first, last, low, factors))]
-    inside = cut >= 128  # the resampled uint8 mask above 127
-    covered = [min(e, n * k) - f for f, e, n, k in zip(first, last, coarse.shape, factors)]
-    if any(c < n for c, n in zip(covered, inside.shape)):  # voxels past the last whole coarse voxel lie outside it
-        full = torch.zeros(inside.shape, dtype=torch.bool)
-        full[tuple(slice(0, c) for c in covered)] = inside[tuple(slice(0, c) for c in covered)]
-        inside = full
-    return inside.numpy()
+    # voxels past the last whole coarse voxel lie outside the mask
+    covered = [max(0, min(e, n * k) - f) for f, e, n, k in zip(first, last, coarse.shape, factors)]
+    inside = np.zeros([e - f for f, e in zip(first, last)], dtype=bool)
+    cut = zoomed[tuple(slice(f - a * k, f - a * k + c) for f, a, k, c in zip(first, low, factors, covered))]
+    inside[tuple(slice(0, c) for c in covered)] = (cut >= 128).numpy()  # the resampled uint8 mask above 127
+    return inside
 
 
 def _lungs_from_air(air: np.ndarray, spacing: tuple[float, float, float], closing_mm: float) -> np.ndarray:

@@ -128,3 +128,15 @@ def test_two_d_model_overlay_on_a_single_slice_image(tmp_path: Path) -> None:
     reference = sitk.GetArrayFromImage(processor.to_native(grid_map, prepared))
     back = sitk.GetArrayFromImage(read_map(write_map(overlay, tmp_path / "map.nrrd")))
     assert np.abs(back - reference).max() <= STEP and reference.max() > 0.5
+
+
+def test_lung_mask_on_a_box_equals_resampling_it() -> None:
+    """The coarse lung mask zoomed onto a box of the CT equals SimpleITK's linear resampling of it there, also
+    where the CT's size is not a whole number of coarse voxels and the box reaches the CT's end."""
+    ct, _ = make_phantom(seed=2, size=(275, 263, 45), spacing=(1.3, 1.3, 6.0))
+    lungs = pp.find_lungs(ct)
+    assert max(lungs.factors) > 1 and any(n % f for n, f in zip(ct.GetSize(), lungs.factors))
+    for index, size in (([0, 0, 0], list(ct.GetSize())), ([7, 20, 3], [268, 243, 42]), ([51, 9, 11], [80, 61, 20])):
+        box = sitk.RegionOfInterest(ct, size, index)
+        resampled = pp._resample(lungs.coarse, pp.Geometry.from_image(box), sitk.sitkLinear, 0, sitk.sitkUInt8)
+        np.testing.assert_array_equal(pp._lung_on_box(lungs, index, size), sitk.GetArrayFromImage(resampled) > 127)

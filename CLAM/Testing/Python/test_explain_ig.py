@@ -11,10 +11,10 @@ TOLERANCE = 1e-5  # max |ours - Captum|, before the positive part and smoothing
 STEPS = 8
 
 
-def _net(ndim: int, k: int, seed: int) -> tuple[ClusterNet, torch.Tensor, torch.Tensor]:
+def _net(ndim: int, k: int, seed: int, smooth: float = 0.0) -> tuple[ClusterNet, torch.Tensor, torch.Tensor]:
     """A seeded random network whose centroids sit near its embeddings of random images, an image and a baseline."""
     torch.manual_seed(seed)
-    arch = Architecture(ndim=ndim, grid=16, filters=(4, 8, 8), embedding=6)
+    arch = Architecture(ndim=ndim, grid=16, filters=(4, 8, 8), embedding=6, smooth=smooth)
     net = ClusterNet(arch, k).double().eval()
     shape = (k + 2, 1) + (16,) * ndim
     images = torch.rand(shape, dtype=torch.float64) * torch.linspace(0.2, 1.0, k + 2, dtype=torch.float64).view(
@@ -59,4 +59,10 @@ def test_float32_matches_captum() -> None:
     """The product's precision (float32) agrees as well, on a 3D network with k = 3."""
     net, x, base = _net(3, 3, seed=7)
     net, x, base = net.float(), x.float(), base.float()
+    assert (ig_attribution(net, x, base, STEPS) - _captum(net, x, base, STEPS)).abs().max() < TOLERANCE
+
+
+def test_input_smoothing_matches_captum() -> None:
+    """With a Gaussian in front of the encoder (Architecture.smooth) the first step stays affine and agrees too."""
+    net, x, base = _net(3, 3, seed=11, smooth=1.5)
     assert (ig_attribution(net, x, base, STEPS) - _captum(net, x, base, STEPS)).abs().max() < TOLERANCE

@@ -3,16 +3,18 @@
 `clam train`, `clam map` and `clam train --resume` read a scan, find its lungs, crop and resample it once; later runs
 with the same scan content, preprocessing settings and preprocessing code find the result under the same key and
 skip all of that. The key is the SHA-256 of the scan's content hash (fingerprint.content_hash: a renamed or copied
-file hits, an edited one misses), the PreprocessConfig and the source of the preprocessing module, so a change to
+file hits, an edited one misses), the PreprocessConfig and the sources of the preprocessing module and the modules it uses, so a change to
 any of them is a new key. Entries are safetensors files (arrays, geometry and lung volume in its metadata, never a
 pickle), written atomically; an unreadable entry counts as absent and is written again.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -28,7 +30,20 @@ from .preprocess import Geometry, Gridded, PreprocessConfig
 
 FORMAT = 1
 SUFFIX = ".safetensors"
-_CODE = sha256_file(preprocess.__file__)
+
+
+def _code_hash() -> str:
+    """SHA-256 of the sources of the preprocessing module and of this package's modules it uses."""
+    package = __name__.rpartition(".")[0]
+    names = {preprocess.__name__}
+    for value in vars(preprocess).values():
+        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name.startswith(package + "."):
+            names.add(name)
+    return sha256_json({name: sha256_file(sys.modules[name].__file__) for name in sorted(names)})
+
+
+_CODE = _code_hash()
 
 
 @dataclass

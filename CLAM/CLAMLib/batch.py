@@ -6,7 +6,7 @@ Layout of the output folder:
     scans/<id>/map_cluster{c}.nrrd   map of cluster c on the scan's exact geometry (or .nii.gz), uint8 0..255 with
                                      the scale 1/255 in the header (overlay.read_map gives 0..1)
     scans/<id>/qc.png                lung-mask outline on three orthogonal slices
-    scans/<id>/result.json           soft assignment, cluster, lung volume
+    scans/<id>/result.json           soft assignment, cluster, lung volume, source path, acquisition and anatomy
     scans/<id>/grid_maps.safetensors maps on the model grid (for the cluster averages)
     scans/<id>/.done                 written last: the scan is complete for this bundle
     clusters/average_cluster{c}.nrrd|.png  mean map of cluster c over the scans assigned to it (model grid)
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .acquisition import scan_record
 from .cache import CachedScan, PreprocessCache
 from .cohort import Scan
 from .distributed import SINGLE, DistContext
@@ -54,6 +55,8 @@ class ScanResult:
     reason: str = ""
     seconds: float = 0.0
     rank: int = 0
+    source: str = ""
+    acquisition: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -79,22 +82,32 @@ def checked_scan(scan: Scan, ndim: int, qc_path: Path | None = None,
 
 
 def gridded_scan(scan: Scan, preprocessor: Preprocessor, qc_path: Path | None = None,
-                 cache: PreprocessCache | None = None) -> tuple[Gridded, float]:
+                 cache: PreprocessCache | None = None, record: dict[str, Any] | None = None) -> tuple[Gridded, float]:
     """A scan on its model grid and its lung volume in litres, taken from the cache when it holds them (then the
-    scan is not read again), else made by checked_scan and to_grid and kept there; the QC picture is written."""
+    scan is not read again), else made by checked_scan and to_grid and kept there; the QC picture is written.
+
+    A `record` dict given is filled with the scan's acquisition and anatomy fields (acquisition.scan_record), which
+    the cache keeps beside the grid; an entry made without them counts as absent then.
+    """
     config = preprocessor.config
     key = cache.key(scan.path, config) if cache is not None and cache.folder is not None else None
     entry = cache.load(key) if key is not None else None
-    if entry is not None and (qc_path is None or (entry.qc_png is not None and entry.scan_id == scan.id)):
+    if (entry is not None and (qc_path is None or (entry.qc_png is not None and entry.scan_id == scan.id))
+            and (record is None or entry.acquisition is not None)):
         if qc_path is not None:
             with atomic_path(qc_path) as tmp:
                 Path(tmp).write_bytes(entry.qc_png)
+        if record is not None:
+            record.update(entry.acquisition)
         return entry.grid, entry.lung_volume_l
     image, lungs, volume = checked_scan(scan, config.ndim, qc_path, config.closing_mm)
+    fields = scan_record(image, *((lungs.coarse, lungs.factors) if lungs is not None else ()))
+    if record is not None:
+        record.update(fields)
     grid = preprocessor.to_grid(image, lungs)
     if key is not None:
         qc = qc_path.read_bytes() if qc_path is not None and qc_path.is_file() else None
-        cache.store(key, CachedScan(grid, volume, scan.id, qc))
+        cache.store(key, CachedScan(grid, volume, scan.id, qc, fields))
     return grid, volume
 
 
@@ -151,7 +164,8 @@ class CohortMapper:
                 warnings.simplefilter("ignore")
                 result = self._map(scan, folder)
         except (CLAMError, RuntimeError, OSError, ValueError, MemoryError) as exc:
-            result = ScanResult(scan.id, "failed", reason=_reason(exc), rank=self.dist.rank)
+            result = ScanResult(scan.id, "failed", reason=_reason(exc), rank=self.dist.rank,
+                                source=str(Path(scan.path).absolute()))
             if not isinstance(exc, CLAMError):
                 self._log(f"{scan.id} traceback: {traceback.format_exc(limit=3)!r}")
         result.seconds = round(time.perf_counter() - start, 3)
@@ -175,7 +189,9 @@ class CohortMapper:
 
         model = self.model
         (folder / DONE).unlink(missing_ok=True)
-        grid, volume = gridded_scan(scan, model.preprocessor_, folder / "qc.png" if self.qc else None, self.cache)
+        record: dict[str, Any] = {}
+        grid, volume = gridded_scan(scan, model.preprocessor_, folder / "qc.png" if self.qc else None, self.cache,
+                                    record)
         prepared = model.preprocessor_.finish(grid)  # maps are resampled from the prepared geometry alone
         q, maps = model.explain([prepared], self.method, self.device)
         q, maps = q[0], maps[0]
@@ -188,7 +204,8 @@ class CohortMapper:
             write_map(native_map(model.preprocessor_, m, prepared), folder / f"map_cluster{c}{FORMATS[self.fmt]}")
         with atomic_path(folder / "grid_maps.safetensors") as tmp:
             save_file(grid, str(tmp))
-        return ScanResult(scan.id, "ok", assignment, [float(v) for v in q], float(volume), rank=self.dist.rank)
+        return ScanResult(scan.id, "ok", assignment, [float(v) for v in q], float(volume), rank=self.dist.rank,
+                          source=str(Path(scan.path).absolute()), acquisition=record)
 
     def run(self, scans: Sequence[Scan], redo: bool = False) -> list[ScanResult]:
         """Map this rank's share of the scans (skipping done ones), then on rank 0 write the CSV and averages."""

@@ -49,12 +49,14 @@ _CODE = _code_hash()
 @dataclass
 class CachedScan:
     """A scan's preprocessing up to the model grid (before registration and normalisation), its lung volume in
-    litres (NaN for 2D models), the scan id it was made under and its lung-mask QC picture (PNG), if one was made."""
+    litres (NaN for 2D models), the scan id it was made under, its lung-mask QC picture (PNG), if one was made, and
+    its acquisition and anatomy fields (acquisition.scan_record), if they were recorded."""
 
     grid: Gridded
     lung_volume_l: float
     scan_id: str
     qc_png: Optional[bytes] = None
+    acquisition: Optional[dict] = None
 
 
 class PreprocessCache:
@@ -91,7 +93,8 @@ class PreprocessCache:
                 raise ValueError("the entry is not the one its name says")
             grid = Gridded(array, lung, Geometry.from_dict(json.loads(meta["native"])),
                            Geometry.from_dict(json.loads(meta["grid"])))
-            entry = CachedScan(grid, float(meta["lung_volume_l"]), meta["scan_id"], qc)
+            acquisition = json.loads(meta["acquisition"]) if "acquisition" in meta else None
+            entry = CachedScan(grid, float(meta["lung_volume_l"]), meta["scan_id"], qc, acquisition)
         except (OSError, SafetensorError, KeyError, ValueError, TypeError):
             self.misses += 1
             return None
@@ -110,5 +113,7 @@ class PreprocessCache:
         meta = {"format": str(FORMAT), "key": key, "scan_id": entry.scan_id,
                 "lung_volume_l": "nan" if math.isnan(volume) else repr(volume),
                 "native": json.dumps(entry.grid.native.to_dict()), "grid": json.dumps(entry.grid.grid.to_dict())}
+        if entry.acquisition is not None:
+            meta["acquisition"] = json.dumps(entry.acquisition)
         with atomic_path(self.path(key)) as tmp:
             save_file(tensors, str(tmp), metadata=meta)

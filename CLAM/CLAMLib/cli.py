@@ -31,6 +31,8 @@ regions drive each cluster assignment (cluster activation maps; Ryan et al., J. 
   clam demo                      run the simulation study on generated phantoms (no data needed)
   clam train SCANS --out MODEL   fit a model bundle to a cohort of CT scans
   clam map MODEL SCANS --out DIR cluster assignments and maps for scans, on each scan's own grid
+  clam associate MAPS --clinical CSV --id-column ID
+                                 what the clusters are associated with: clinical, acquisition, anatomy
 
 Run `clam COMMAND --help` for the options of each command.
 """
@@ -189,6 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--redo", action="store_true", help="map every scan again, also those finished earlier")
     _add_cache(mp)
     _add_common(mp)
+
+    assoc = sub.add_parser(
+        "associate", help="test clinical, acquisition and anatomy columns against the clusters",
+        description="Test every column of a clinical table, and what every scan carries (lung volume, voxel "
+                    "spacing, slice thickness, slices, mean lung HU, body size; for DICOM also manufacturer, "
+                    "scanner model, reconstruction kernel, kVp, contrast agent and study date), against the clusters "
+                    "of a `clam map` folder: Kruskal-Wallis (and ANOVA) with epsilon^2 for continuous columns, "
+                    "chi-square or Fisher's exact test with Cramer's V for categorical ones, p-values adjusted over "
+                    "the columns tested (Benjamini-Hochberg). Warns when acquisition or anatomy goes with the "
+                    "clusters more strongly than any clinical column. Writes association.md, .csv and .json and a "
+                    "plot per column (association/*.png, and association/overview.png).")
+    assoc.add_argument("maps", type=Path, help="output folder of `clam map` (holds assignments.csv)")
+    assoc.add_argument("--clinical", type=Path, default=None, metavar="CSV",
+                       help="clinical table, one row per scan (comma, semicolon or tab separated); without it only "
+                            "the acquisition and anatomy columns are tested")
+    assoc.add_argument("--id-column", default="id", metavar="NAME",
+                       help="column of the clinical table holding the scan ids of `clam map` (default: id)")
+    assoc.add_argument("--categorical", action="append", default=[], metavar="NAME",
+                       help="treat this column as categorical (repeatable; by default a column of numbers with more "
+                            "than two values is continuous, anything else categorical)")
+    assoc.add_argument("--continuous", action="append", default=[], metavar="NAME",
+                       help="treat this column as continuous (repeatable)")
+    assoc.add_argument("--out", type=Path, default=None, help="output folder (default: the MAPS folder)")
+    assoc.add_argument("--no-plots", action="store_true", help="write the tables only")
     return parser
 
 
@@ -384,6 +410,25 @@ def cmd_map(args: argparse.Namespace) -> int:
         shutdown(ctx)
 
 
+def cmd_associate(args: argparse.Namespace) -> int:
+    """Test clinical, acquisition and anatomy columns against a mapped cohort's clusters."""
+    from .associate import associate, write_association
+
+    result = associate(args.maps, args.clinical, args.id_column, args.categorical, args.continuous)
+    out = args.out or args.maps
+    write_association(result, out, plots=not args.no_plots)
+    for o in result.tested[:5]:
+        print(f"{o.name}: {o.test}, adjusted p {o.p_adjusted:.3g}, {o.effect_name} {o.effect:.2f}", file=sys.stderr)
+    if result.not_mapped or result.not_in_table:
+        print(f"clam associate: {len(result.not_mapped)} ids of the clinical table were not mapped and "
+              f"{len(result.not_in_table)} mapped scans are not in it (listed in association.md)", file=sys.stderr)
+    if result.warning:
+        print(f"clam associate: warning: {result.warning}", file=sys.stderr)
+    print(f"tested {len(result.tested)} columns against {result.k} clusters over {result.n_scans} scans; "
+          f"wrote association.md, association.csv, association.json into {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the simulation study."""
     from .demo import run_demo
@@ -412,7 +457,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
-            return {"demo": cmd_demo, "train": cmd_train, "map": cmd_map}[args.command](args)
+            return {"demo": cmd_demo, "train": cmd_train, "map": cmd_map,
+                    "associate": cmd_associate}[args.command](args)
     except CLAMError as exc:
         print(f"clam {args.command}: error: {exc}", file=sys.stderr)
         return 2

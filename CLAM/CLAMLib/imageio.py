@@ -155,6 +155,8 @@ def _read_series(folder: Path) -> sitk.Image:
             f"cannot read the DICOM series in {folder}: {_first_line(err)}; check that its files are complete"
         ) from err
     _check_slice_gaps(reader, image, folder)
+    for key in reader.GetMetaDataKeys(0):  # the series carries its first file's header, as a single file does
+        image.SetMetaData(key, reader.GetMetaData(0, key))
     return image
 
 

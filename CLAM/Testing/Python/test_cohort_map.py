@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,23 @@ def test_map_cohort_reports_bad_scans_and_writes_everything(cohort: dict, tmp_pa
         assert avg.GetSize() == (16, 16, 16)
         assert (out / "clusters" / f"average_cluster{c}.png").is_file()
     assert not list(out.rglob("*.tmp"))  # atomic writes leave nothing behind
+    record = json.loads((out / "scans" / cohort["good"][0].stem / "result.json").read_text())
+    assert record["source"] == str(cohort["good"][0].absolute())
+    assert record["acquisition"]["dicom"] is False and record["acquisition"]["slices"] == 24
+    assert -1000 < record["acquisition"]["mean_lung_hu"] < -500 and record["acquisition"]["body_area_cm2"] > 100
+
+    clinical = tmp_path / "clinical.csv"
+    ok = [p.stem for p in cohort["good"]]
+    clinical.write_text("scan,score\n" + "".join(f"{i},{int(rows[i]['cluster']) * 10 + n}\n"
+                                                  for n, i in enumerate(ok[1:])) + "extra,3\n")
+    assert main(["associate", str(out), "--clinical", str(clinical), "--id-column", "scan"]) == 0
+    data = json.loads((out / "association.json").read_text())
+    assert data["ids"]["mapped_not_in_table"] == [ok[0]] and data["ids"]["in_table_not_mapped"] == ["extra"]
+    assert set(data["ids"]["failed_in_mapping"]) == set(cohort["bad"])
+    tested = {c["name"]: c for c in data["columns"]}
+    assert tested["score"]["test"] == "Kruskal-Wallis" and tested["score"]["n"] == len(ok) - 1
+    assert {"lung volume (L)", "mean lung HU", "body cross-section (cm^2)"} <= set(tested)
+    assert (out / "association.md").is_file() and (out / "association" / "overview.png").is_file()
 
 
 def test_rerun_skips_done_scans_and_redoes_unfinished_ones(cohort: dict, tmp_path: Path) -> None:
@@ -155,3 +173,8 @@ def test_map_real_chest_cts_keeps_each_geometry(cohort: dict, data_dir: Path, tm
             assert m.GetSize() == image.GetSize() and m.GetSpacing() == image.GetSpacing()
             assert m.GetOrigin() == image.GetOrigin() and m.GetDirection() == image.GetDirection()
         assert (out / "scans" / scan.id / "qc.png").is_file()
+        acquisition = json.loads((out / "scans" / scan.id / "result.json").read_text())["acquisition"]
+        assert acquisition["dicom"] == path.is_dir() and -950 < acquisition["mean_lung_hu"] < -600
+    assert main(["associate", str(out)]) == 0  # the scans' own columns without a clinical table
+    tested = {c["name"]: c for c in json.loads((out / "association.json").read_text())["columns"]}
+    assert tested["slices"]["n"] == 4 and "manufacturer" not in tested  # two of four scans are DICOM

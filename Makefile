@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0: the CPU build on machines that have it locally; elsewhere pip picks the right build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo quick test lint clean
+.PHONY: demo quick cohort test lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: $(VENV)/.installed
 quick: $(VENV)/.installed
 	$(VENV)/bin/clam demo --quick --out demo-output-quick
 
+cohort: $(VENV)/.installed
+	$(PY) CLAM/Testing/Python/cohort_walkthrough.py --out cohort-output
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2
 
@@ -27,4 +30,4 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check CLAM benchmarks
 
 clean:
-	rm -rf $(VENV) demo-output demo-output-quick
+	rm -rf $(VENV) demo-output demo-output-quick cohort-output

@@ -33,6 +33,8 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if MODULE_DIR not in sys.path:  # CLAMLib, CLAMMRML and CLAMDependencies live beside this file
     sys.path.append(MODULE_DIR)
 
+import CLAMCohort
+import CLAMCohortPanel
 import CLAMDependencies
 import CLAMMRML
 from CLAMMRML import CLAMResult
@@ -170,20 +172,26 @@ class CLAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainCancelButton.connect("clicked(bool)", self.onTrainCancel)
         self._trainTimer.connect("timeout()", self.pollTraining)
         self.ui.deviceFoundLabel.text = CLAMLogic.describeDevices(importTorch=False)
+        self.cohortPanel = CLAMCohortPanel.CohortPanel(self.resourcePath("UI/CLAMCohort.ui"), self.logic,
+                                                       self.logic.getParameterNode)
+        self.layout.addWidget(self.cohortPanel.widget)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self.onTrainCancel()
+        self.cohortPanel.cleanup()
         self.removeObservers()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
         self.initializeParameterNode()
+        self.cohortPanel.enter()
 
     def exit(self) -> None:
         """Called each time the user opens a different module."""
         self.setParameterNode(None)
+        self.cohortPanel.exit()
 
     def onSceneStartClose(self, caller: Any, event: Any) -> None:
         """Drop the parameter node before the scene closes."""
@@ -401,6 +409,7 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._models: dict[tuple[str, float], Any] = {}
         self._cancel = False
+        self._cohort: CLAMCohort.CohortBrowser | None = None
 
     def getParameterNode(self) -> CLAMParameterNode:
         """The module's typed parameter node."""
@@ -554,6 +563,54 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([MODULE_DIR, *filter(None, [env.get("PYTHONPATH")])])
         command = CLAMMRML.train_command(inputs, k, pathlib.Path(out).absolute(), python=python,
+                                         extra=["--device", DEVICES.get(device, device.lower()), *extra])
+        return CLAMMRML.BackgroundProcess(command, cwd=MODULE_DIR, env=env)
+
+    # cohort
+
+    @property
+    def cohort(self) -> CLAMCohort.CohortBrowser:
+        """The cohort browser on the scene (one scan's nodes at a time); views are fitted in the application."""
+        if self._cohort is None:
+            app = getattr(slicer, "app", None)
+            self._cohort = CLAMCohort.CohortBrowser(applicationLogic=app.applicationLogic() if app else None)
+        return self._cohort
+
+    def openCohort(self, folder: str | os.PathLike, clinical: str | os.PathLike | None = None,
+                   idColumn: str = "id") -> Any:
+        """Open a `clam map` output folder (joining a clinical CSV on idColumn); returns its table."""
+        return self.cohort.open(folder, clinical, idColumn)
+
+    def showScan(self, scanId: str, cluster: int | None = None) -> CLAMCohort.ShownScan:
+        """Load one scan of the open cohort with a cluster's map (default its own), centred on the map's maximum."""
+        return self.cohort.showScan(scanId, cluster)
+
+    def nextScan(self, offset: int = 1) -> CLAMCohort.ShownScan | None:
+        """Show the next scan (or, with offset -1, the previous one) of the filtered list."""
+        return self.cohort.next(offset)
+
+    def showClusterAverage(self, cluster: int) -> CLAMCohort.ShownScan:
+        """Show a cluster's average map (model grid) over the cohort mean image."""
+        return self.cohort.showAverage(cluster)
+
+    def associateCohort(self, clinical: str | os.PathLike | None = None, idColumn: str = "id") -> Any:
+        """Run `clam associate` on the open cohort; writes association.md/.csv/.json and plots into its folder."""
+        from CLAMLib.associate import associate, write_association
+
+        table = self.cohort.table
+        if table is None:
+            raise ValueError(_("Open a cohort first (a `clam map` output folder)."))
+        result = associate(table.folder, clinical, idColumn)
+        write_association(result, table.folder)
+        return result
+
+    def startMapping(self, bundle: str | os.PathLike, inputs: Sequence[str], out: str | os.PathLike,
+                     device: str = "auto", extra: Sequence[str] = ()) -> CLAMMRML.BackgroundProcess:
+        """Run `clam map` on scans or folders in the background with Slicer's Python, on the chosen device."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([MODULE_DIR, *filter(None, [env.get("PYTHONPATH")])])
+        command = CLAMCohort.map_command(pathlib.Path(bundle).absolute(), inputs, pathlib.Path(out).absolute(),
+                                         python=shutil.which("PythonSlicer") or sys.executable,
                                          extra=["--device", DEVICES.get(device, device.lower()), *extra])
         return CLAMMRML.BackgroundProcess(command, cwd=MODULE_DIR, env=env)
 

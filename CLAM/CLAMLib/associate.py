@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from .cohort_table import match_ids, read_id_table
 from .errors import InputError
 from .imageio import atomic_path
 from .paths import is_inside, output_path, safe_id
@@ -357,20 +358,7 @@ def read_clinical(path: str | Path, id_column: str, cohort: Cohort, categorical:
     """The clinical CSV's columns as one value per mapped scan, matched by `id_column` (exactly, or as the id
     `clam map` makes of a name); ids found on one side only are listed."""
     source = Path(path)
-    if not source.is_file():
-        raise InputError(f"clinical table {source} not found; give a CSV file with one row per patient.")
-    text = source.read_text(encoding="utf-8-sig", errors="replace")
-    try:
-        dialect = csv.Sniffer().sniff(text[:8192], delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    rows = list(csv.reader(text.splitlines(), dialect))
-    if len(rows) < 2:
-        raise InputError(f"clinical table {source} has no data rows; it needs a header row and one row per patient.")
-    header = [h.strip() or f"column {i + 1}" for i, h in enumerate(rows[0])]
-    if id_column not in header:
-        raise InputError(f"clinical table {source} has no column {id_column!r}; its columns are "
-                         f"{', '.join(map(repr, header))}: name the id column with --id-column.")
+    header, by_id = read_id_table(source, id_column)
     for name in (*categorical, *continuous):
         if name not in header:
             raise InputError(f"--categorical/--continuous name {name!r}, which is not a column of {source}.")
@@ -378,24 +366,8 @@ def read_clinical(path: str | Path, id_column: str, cohort: Cohort, categorical:
     if both:
         raise InputError(f"columns {sorted(both)} are declared both categorical and continuous; choose one.")
     at = header.index(id_column)
-    by_id: dict[str, list[str]] = {}
-    duplicates = []
-    for row in rows[1:]:
-        if not any(cell.strip() for cell in row):
-            continue
-        row = row + [""] * (len(header) - len(row))
-        key = row[at].strip()
-        if key in by_id:
-            duplicates.append(key)
-        by_id[key] = row
-    if duplicates:
-        raise InputError(f"clinical table {source} repeats the ids {sorted(set(duplicates))[:10]} in column "
-                         f"{id_column!r}; give one row per scan.")
-    lookup = dict(by_id)
-    for key, row in by_id.items():
-        lookup.setdefault(safe_id(key), row)
-    matched = [lookup.get(scan_id) for scan_id in cohort.ids]
-    used_keys = {row[at].strip() for row in matched if row is not None}
+    matched = match_ids(cohort.ids, by_id)
+    used_keys = {row[at] for row in matched if row is not None}
     columns = []
     for j, name in enumerate(header):
         if j == at:

@@ -10,6 +10,7 @@ Layout of the output folder:
     scans/<id>/grid_maps.safetensors maps on the model grid (for the cluster averages)
     scans/<id>/.done                 written last: the scan is complete for this bundle
     clusters/average_cluster{c}.nrrd|.png  mean map of cluster c over the scans assigned to it (model grid)
+    clusters/cohort_mean.nrrd        the model's cohort mean image (model grid), for showing the averages over
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import time
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -207,8 +208,12 @@ class CohortMapper:
         return ScanResult(scan.id, "ok", assignment, [float(v) for v in q], float(volume), rank=self.dist.rank,
                           source=str(Path(scan.path).absolute()), acquisition=record)
 
-    def run(self, scans: Sequence[Scan], redo: bool = False) -> list[ScanResult]:
-        """Map this rank's share of the scans (skipping done ones), then on rank 0 write the CSV and averages."""
+    def run(self, scans: Sequence[Scan], redo: bool = False,
+            progress: Callable[[float, str, str], None] | None = None) -> list[ScanResult]:
+        """Map this rank's share of the scans (skipping done ones), then on rank 0 write the CSV and averages.
+
+        progress(fraction, stage, message) is called after each scan of this rank and before the averages.
+        """
         for scan in scans:  # every scan's folder is checked before anything is written
             self.folder(scan)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -217,16 +222,22 @@ class CohortMapper:
 
         with tqdm(total=len(mine), desc="mapping scans", disable=not (self.verbose and self.dist.main),
                   dynamic_ncols=True) as bar:
-            for scan in mine:
+            for n, scan in enumerate(mine):
                 if not redo and self.is_done(scan):
                     self._log(f"{scan.id} skipped: done earlier")
+                    message = f"{scan.id}: done earlier"
                 else:
                     r = self.map_scan(scan)
-                    bar.set_postfix_str(f"{scan.id}: {r.status}")
+                    message = f"{scan.id}: {r.status}"
+                    bar.set_postfix_str(message)
                 bar.update()
+                if progress is not None:
+                    progress(0.95 * (n + 1) / len(mine), "mapping", message)
         self.dist.barrier()
         results = [self._result(s) for s in scans]
         if self.dist.main:
+            if progress is not None:
+                progress(0.95, "averages", "writing assignments.csv and the cluster averages")
             self.write_table(results)
             self.write_averages(scans, results)
         self.dist.barrier()
@@ -275,6 +286,11 @@ class CohortMapper:
             write_image(sitk.GetImageFromArray(mean), target)
             base = getattr(self.model, "cohort_mean_", None)
             map_picture(mean, target.with_suffix(".png"), f"cluster {c}: mean map over {counts[c]} scans", base)
+            written.append(target)
+        base = getattr(self.model, "cohort_mean_", None)
+        if base is not None and written:
+            target = output_path(self.out, "clusters", "cohort_mean.nrrd")
+            write_image(sitk.GetImageFromArray(np.asarray(base, dtype=np.float32)), target)
             written.append(target)
         return written
 

@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--no-qc", action="store_true", help="do not write a lung-mask QC picture per scan")
     mp.add_argument("--redo", action="store_true", help="map every scan again, also those finished earlier")
     _add_cache(mp)
+    mp.add_argument("--progress-json", action="store_true",
+                    help="print progress as one JSON object per line on stdout (for the Slicer module)")
     _add_common(mp)
 
     assoc = sub.add_parser(
@@ -397,8 +399,12 @@ def cmd_map(args: argparse.Namespace) -> int:
         model = load_bundle(args.model, device=device)
         scans = find_scans(args.scans, exclude=args.exclude)
         mapper = CohortMapper(model, args.out, fmt=args.format, method=args.method, clusters=args.clusters,
-                              qc=not args.no_qc, device=device, dist=ctx, verbose=not args.quiet, cache=_cache(args))
-        results = mapper.run(scans, redo=args.redo)
+                              qc=not args.no_qc, device=device, dist=ctx,
+                              verbose=not (args.quiet or args.progress_json), cache=_cache(args))
+        progress = _progress_printer(True) if args.progress_json and ctx.main else None
+        results = mapper.run(scans, redo=args.redo, progress=progress)
+        if progress is not None:
+            progress(1.0, "done", f"mapped into {args.out}")
         failed = [r for r in results if r.status != "ok"]
         if ctx.main:
             for r in failed:

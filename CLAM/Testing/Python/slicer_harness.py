@@ -127,6 +127,10 @@ class Widget:
             self._currentNode = node
             self.currentNodeChanged.emit(node)
 
+    def horizontalHeader(self) -> Widget:
+        """A table widget's header: the table itself here, which carries the header's sectionClicked signal."""
+        return self
+
     def sortFilterProxyModel(self) -> ProxyModel:
         """The selector's filter."""
         return self._proxy
@@ -398,6 +402,14 @@ class App:
     def testingEnabled(self) -> bool:
         """Slicer's --testing flag."""
         return self.testing
+
+    def topLevelWidgets(self) -> list:
+        """No main window (slicer.util.mainWindow() gives None)."""
+        return []
+
+    def applicationLogic(self) -> Any:
+        """No slice views to fit."""
+        return None
 
 
 class Harness:

@@ -397,13 +397,12 @@ def _outside_to_lung_mean(crop: sitk.Image, lungs: LungMask, index: list[int]) -
     """The crop (first voxel `index` of the CT) with every voxel outside the lungs set to the lungs' mean, before
     resampling (no bright rim)."""
     lung = _lung_on_box(lungs, index, list(crop.GetSize()))
-    values = sitk.GetArrayFromImage(crop)
     if not lung.any():
         raise InputError("no lung voxels inside the crop; check the scan covers the lungs")
-    values[~lung] = np.mean(values, where=lung, dtype=np.float64)
-    out = sitk.GetImageFromArray(values)
-    out.CopyInformation(crop)
-    return out
+    mean = float(np.mean(sitk.GetArrayViewFromImage(crop), where=lung, dtype=np.float64))
+    mask = sitk.GetImageFromArray(lung.view(np.uint8))
+    mask.CopyInformation(crop)
+    return sitk.Mask(crop, mask, outsideValue=mean)
 
 
 def _lung_on_box(lungs: LungMask, index: list[int], size: list[int]) -> np.ndarray:

@@ -2,10 +2,13 @@
 
 Layout of the output folder:
     assignments.csv                  id, cluster, q0..q{k-1}, lung_volume_l, status, reason (one row per scan)
+    model_card.json                  the model's card, its bundle folder and the map settings
     map.log (map-rank{r}.log)        one line per scan: done, skipped or failed with the reason
     scans/<id>/map_cluster{c}.nrrd   map of cluster c on the scan's exact geometry (or .nii.gz), uint8 0..255 with
                                      the scale 1/255 in the header (overlay.read_map gives 0..1)
     scans/<id>/qc.png                lung-mask outline on three orthogonal slices
+    scans/<id>/map.png               the assigned cluster's map over the CT through the map's maximum (three views)
+    scans/<id>/map_axial.png ...     thumbnails of those views (map_axial, map_coronal, map_sagittal)
     scans/<id>/result.json           soft assignment, cluster, lung volume, source path, acquisition and anatomy
     scans/<id>/grid_maps.safetensors maps on the model grid (for the cluster averages)
     scans/<id>/.done                 written last: the scan is complete for this bundle
@@ -35,10 +38,12 @@ from .cohort import Scan
 from .distributed import SINGLE, DistContext
 from .errors import CLAMError, InputError
 from .imageio import atomic_path, check_image, read_image, write_image
-from .overlay import native_map, write_map
+from .overlay import SCALE, native_map, write_map
 from .paths import output_path
+from .pictures import average_picture, reduced, scan_pictures
 from .preprocess import LUNG_CLOSING_MM, Gridded, LungMask, Preprocessor, find_lungs
-from .qc import lung_volume_litres, map_picture, qc_picture
+from .qc import lung_volume_litres, qc_picture
+from .report import CARD
 
 FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
 DONE = ".done"
@@ -83,12 +88,14 @@ def checked_scan(scan: Scan, ndim: int, qc_path: Path | None = None,
 
 
 def gridded_scan(scan: Scan, preprocessor: Preprocessor, qc_path: Path | None = None,
-                 cache: PreprocessCache | None = None, record: dict[str, Any] | None = None) -> tuple[Gridded, float]:
+                 cache: PreprocessCache | None = None, record: dict[str, Any] | None = None,
+                 seen: Callable[[sitk.Image], None] | None = None) -> tuple[Gridded, float]:
     """A scan on its model grid and its lung volume in litres, taken from the cache when it holds them (then the
     scan is not read again), else made by checked_scan and to_grid and kept there; the QC picture is written.
 
     A `record` dict given is filled with the scan's acquisition and anatomy fields (acquisition.scan_record), which
-    the cache keeps beside the grid; an entry made without them counts as absent then.
+    the cache keeps beside the grid; an entry made without them counts as absent then. `seen` is given the
+    image when the scan is read.
     """
     config = preprocessor.config
     key = cache.key(scan.path, config) if cache is not None and cache.folder is not None else None
@@ -105,6 +112,8 @@ def gridded_scan(scan: Scan, preprocessor: Preprocessor, qc_path: Path | None = 
     fields = scan_record(image, *((lungs.coarse, lungs.factors) if lungs is not None else ()))
     if record is not None:
         record.update(fields)
+    if seen is not None:
+        seen(image)
     grid = preprocessor.to_grid(image, lungs)
     if key is not None:
         qc = qc_path.read_bytes() if qc_path is not None and qc_path.is_file() else None
@@ -123,7 +132,8 @@ class CohortMapper:
 
     def __init__(self, model: Any, out: str | Path, fmt: str = "nrrd", method: str = "default",
                  clusters: str = "all", qc: bool = True, device: str | None = None,
-                 dist: DistContext | None = None, verbose: bool = True, cache: PreprocessCache | None = None) -> None:
+                 dist: DistContext | None = None, verbose: bool = True, cache: PreprocessCache | None = None,
+                 bundle: str | Path | None = None) -> None:
         if fmt not in FORMATS:
             raise InputError(f"unknown map format {fmt!r}; use one of {', '.join(FORMATS)}.")
         self.model, self.out, self.fmt, self.method = model, Path(out), fmt, method
@@ -131,6 +141,7 @@ class CohortMapper:
         self.dist = dist or SINGLE
         self.verbose = verbose
         self.cache = cache
+        self.bundle = None if bundle is None else Path(bundle).resolve()
         self.model_id = _model_id(model)
         self.log_path = output_path(self.out, "map.log" if not self.dist.active else f"map-rank{self.dist.rank}.log")
 
@@ -191,8 +202,9 @@ class CohortMapper:
         model = self.model
         (folder / DONE).unlink(missing_ok=True)
         record: dict[str, Any] = {}
+        anatomy: list[sitk.Image] = []  # the scan as read, binned, for its map picture
         grid, volume = gridded_scan(scan, model.preprocessor_, folder / "qc.png" if self.qc else None, self.cache,
-                                    record)
+                                    record, seen=lambda image: anatomy.append(reduced(image)))
         prepared = model.preprocessor_.finish(grid)  # maps are resampled from the prepared geometry alone
         q, maps = model.explain([prepared], self.method, self.device)
         q, maps = q[0], maps[0]
@@ -202,7 +214,13 @@ class CohortMapper:
         for c in chosen:
             m = normalise_map(maps[c])
             grid[f"cluster{c}"] = m.astype(np.float16)
-            write_map(native_map(model.preprocessor_, m, prepared), folder / f"map_cluster{c}{FORMATS[self.fmt]}")
+            overlay = native_map(model.preprocessor_, m, prepared)
+            write_map(overlay, folder / f"map_cluster{c}{FORMATS[self.fmt]}")
+            if c == assignment:
+                ct = anatomy[0] if anatomy else reduced(read_image(scan.path))  # a cached scan was not read
+                scan_pictures(ct, sitk.Cast(reduced(overlay), sitk.sitkFloat32) * SCALE, folder,
+                              f"{scan.id}: map of cluster {c} (q {q[c]:.2f})")
+            del overlay
         with atomic_path(folder / "grid_maps.safetensors") as tmp:
             save_file(grid, str(tmp))
         return ScanResult(scan.id, "ok", assignment, [float(v) for v in q], float(volume), rank=self.dist.rank,
@@ -240,6 +258,7 @@ class CohortMapper:
                 progress(0.95, "averages", "writing assignments.csv and the cluster averages")
             self.write_table(results)
             self.write_averages(scans, results)
+            self.write_card()
         self.dist.barrier()
         return results
 
@@ -260,6 +279,15 @@ class CohortMapper:
                 qs = [f"{v:.6f}" for v in r.q] if r.q else [""] * k
                 vol = "" if r.lung_volume_l is None else f"{r.lung_volume_l:.3f}"
                 w.writerow([r.id, "" if r.cluster is None else r.cluster, *qs, vol, r.status, r.reason])
+        return path
+
+    def write_card(self) -> Path:
+        """model_card.json: the model's card, where its bundle is and the map settings, for the cohort report."""
+        card = {"model": None if self.bundle is None else str(self.bundle), "card": self.model.card,
+                "method": self.method, "clusters": self.clusters, "format": self.fmt}
+        path = self.out / CARD
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(card, indent=1, default=str) + "\n")
         return path
 
     def write_averages(self, scans: Sequence[Scan], results: Sequence[ScanResult]) -> list[Path]:
@@ -285,7 +313,7 @@ class CohortMapper:
             target = output_path(self.out, "clusters", f"average_cluster{c}.nrrd")
             write_image(sitk.GetImageFromArray(mean), target)
             base = getattr(self.model, "cohort_mean_", None)
-            map_picture(mean, target.with_suffix(".png"), f"cluster {c}: mean map over {counts[c]} scans", base)
+            average_picture(mean, target.with_suffix(".png"), f"cluster {c}: mean map over {counts[c]} scans", base)
             written.append(target)
         base = getattr(self.model, "cohort_mean_", None)
         if base is not None and written:

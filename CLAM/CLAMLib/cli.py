@@ -33,6 +33,7 @@ regions drive each cluster assignment (cluster activation maps; Ryan et al., J. 
   clam map MODEL SCANS --out DIR cluster assignments and maps for scans, on each scan's own grid
   clam associate MAPS --clinical CSV --id-column ID
                                  what the clusters are associated with: clinical, acquisition, anatomy
+  clam report DIR                a cohort report (DIR/report/index.html) of `clam map` output, for any browser
 
 Run `clam COMMAND --help` for the options of each command.
 """
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(mp)
     mp.add_argument("--progress-json", action="store_true",
                     help="print progress as one JSON object per line on stdout (for the Slicer module)")
+    mp.add_argument("--report", action="store_true", help="also write the cohort report OUT/report/index.html "
+                                                          "(as `clam report OUT`)")
     _add_common(mp)
 
     assoc = sub.add_parser(
@@ -217,6 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="treat this column as continuous (repeatable)")
     assoc.add_argument("--out", type=Path, default=None, help="output folder (default: the MAPS folder)")
     assoc.add_argument("--no-plots", action="store_true", help="write the tables only")
+
+    rp = sub.add_parser(
+        "report", help="a cohort report of `clam map` output that opens in any browser",
+        description="Write MAPS/report/index.html from a `clam map` output folder: the model card, a table of "
+                    "clusters, each cluster's mean map and a gallery of its scans (the map over the CT, q values, "
+                    "the QC picture), the failed scans, and `clam associate`'s results and the training report "
+                    "when they exist. The folder holds plain HTML and PNG files only: copy it anywhere and open "
+                    "index.html. Pictures are made once and reused on rerun.")
+    rp.add_argument("maps", type=Path, help="output folder of `clam map` (holding assignments.csv)")
+    rp.add_argument("--model", type=Path, default=None,
+                    help="bundle folder for the model card and training report (default: the one the maps name)")
+    rp.add_argument("--uncertain", type=float, default=0.6, metavar="Q",
+                    help="a scan whose highest q is below Q is marked uncertain (default: 0.6)")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -400,11 +417,16 @@ def cmd_map(args: argparse.Namespace) -> int:
         scans = find_scans(args.scans, exclude=args.exclude)
         mapper = CohortMapper(model, args.out, fmt=args.format, method=args.method, clusters=args.clusters,
                               qc=not args.no_qc, device=device, dist=ctx,
-                              verbose=not (args.quiet or args.progress_json), cache=_cache(args))
+                              verbose=not (args.quiet or args.progress_json), cache=_cache(args),
+                              bundle=args.model)
         progress = _progress_printer(True) if args.progress_json and ctx.main else None
         results = mapper.run(scans, redo=args.redo, progress=progress)
         if progress is not None:
             progress(1.0, "done", f"mapped into {args.out}")
+        if args.report and ctx.main:
+            from .report import build_report
+
+            print(f"cohort report: {build_report(args.out, args.model)}", file=sys.stderr)
         failed = [r for r in results if r.status != "ok"]
         if ctx.main:
             for r in failed:
@@ -432,6 +454,14 @@ def cmd_associate(args: argparse.Namespace) -> int:
         print(f"clam associate: warning: {result.warning}", file=sys.stderr)
     print(f"tested {len(result.tested)} columns against {result.k} clusters over {result.n_scans} scans; "
           f"wrote association.md, association.csv, association.json into {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the cohort report of a maps folder."""
+    from .report import build_report
+
+    print(f"cohort report: {build_report(args.maps, args.model, args.uncertain, not args.quiet)}", file=sys.stderr)
     return 0
 
 
@@ -463,8 +493,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
-            return {"demo": cmd_demo, "train": cmd_train, "map": cmd_map,
-                    "associate": cmd_associate}[args.command](args)
+            return {"demo": cmd_demo, "train": cmd_train, "map": cmd_map, "associate": cmd_associate,
+                    "report": cmd_report}[args.command](args)
     except CLAMError as exc:
         print(f"clam {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -81,30 +81,6 @@ def qc_picture(image: sitk.Image, mask: sitk.Image, path: str | Path, title: str
     return _save(fig, path)
 
 
-def map_picture(values: np.ndarray, path: str | Path, title: str = "",
-                background: np.ndarray | None = None) -> Path:
-    """PNG of three orthogonal central slices of a 3D (or one 2D) map on the model grid, over an optional image."""
-    values = np.asarray(values, dtype=np.float32)
-    slices = [values] if values.ndim == 2 else [values[values.shape[0] // 2], values[:, values.shape[1] // 2],
-                                                values[:, :, values.shape[2] // 2]]
-    back: Sequence[np.ndarray | None] = [None] * len(slices)
-    if background is not None:
-        b = np.asarray(background, dtype=np.float32)
-        back = [b] if b.ndim == 2 else [b[b.shape[0] // 2], b[:, b.shape[1] // 2], b[:, :, b.shape[2] // 2]]
-    top = float(values.max()) if values.size and values.max() > 0 else 1.0
-    fig = _figure(4 * len(slices), 4.3)
-    for i, (s, b) in enumerate(zip(slices, back)):
-        ax = fig.add_subplot(1, len(slices), i + 1)
-        if b is not None:
-            ax.imshow(b, cmap="gray", origin="lower" if i else "upper")
-        ax.imshow(s, cmap="inferno", vmin=0, vmax=top, alpha=0.6 if b is not None else 1.0,
-                  origin="lower" if i else "upper")
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
 def training_report(summary: Any, folder: str | Path, scans: Sequence[dict] = ()) -> Path:
     """Loss curves (PNG), the k-selection table and cluster sizes (CSV, JSON, Markdown) into `folder`."""
     out = Path(folder)

@@ -45,7 +45,7 @@ table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 th { background: #f2f2f2; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; } dt { font-weight: bold; }
-.gallery { display: flex; flex-wrap: wrap; gap: 10px; }
+.gallery { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; }
 figure.scan { width: 172px; margin: 0; padding: 5px; border: 1px solid #ddd; border-radius: 4px; font-size: 0.8em; }
 figure.scan img { display: block; background: #000; max-width: 160px; height: auto; }
 figure.scan figcaption { overflow-wrap: anywhere; margin-top: 3px; }

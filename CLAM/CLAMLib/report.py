@@ -52,7 +52,7 @@ figure.scan figcaption { overflow-wrap: anywhere; margin-top: 3px; }
 figure.scan .id { font-weight: bold; } .uncertain { color: #b35900; font-weight: bold; }
 .missing { width: 160px; height: 80px; background: #eee; color: #666; padding: 4px; box-sizing: border-box; }
 details summary { cursor: pointer; color: #0645ad; } details img { margin-top: 4px; }
-img.wide { max-width: min(100%, 1100px); height: auto; } .pages a, .pages b { margin-right: 0.6em; } .note { color: #555; }
+img.wide { max-width: min(100%, 900px); height: auto; } .pages a, .pages b { margin-right: 0.6em; } .note { color: #555; }
 """
 
 

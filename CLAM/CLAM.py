@@ -556,6 +556,16 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
                     f"q = {[round(float(v), 3) for v in result.probabilities]}")
         return result
 
+    @staticmethod
+    def openCohortReport(mapsFolder: str | os.PathLike, model: str | os.PathLike | None = None) -> pathlib.Path:
+        """Write (or refresh) the cohort report of a `clam map` output folder and open it in the system browser."""
+        from CLAMLib.report import build_report
+
+        index = build_report(mapsFolder, model)
+        if not qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(index))):
+            logger.warning(f"CLAM: no browser could open {index}; open it from a file browser")
+        return index
+
     def startTraining(self, inputs: Sequence[str], k: int, out: str | os.PathLike, device: str = "auto",
                       extra: Sequence[str] = ()) -> CLAMMRML.BackgroundProcess:
         """Run `clam train` (python -m CLAMLib.cli) in the background with Slicer's Python, on the chosen device."""

@@ -495,3 +495,30 @@ def test_training_from_scene_volumes_runs_clam_train(viewer, tmp_path, monkeypat
     assert process.progress == pytest.approx(1.0) and any(line.startswith("[") for line in lines)
     assert (tmp_path / "bundle" / "model.json").is_file()
     assert CLAMMRML.model_card_summary(tmp_path / "bundle").startswith("k = 2; grid 16")
+
+
+def test_clam_logic_opens_the_cohort_report(tmp_path, monkeypatch):
+    """CLAMLogic.openCohortReport writes the report of a maps folder and asks Qt to open index.html."""
+    clam = _import_clam_module_with_stubs(monkeypatch)
+    opened = []
+
+    class QUrl:
+        @staticmethod
+        def fromLocalFile(path):
+            return ("file", path)
+
+    class QDesktopServices:
+        @staticmethod
+        def openUrl(url):
+            opened.append(url)
+            return True
+
+    monkeypatch.setattr(clam.qt, "QDesktopServices", QDesktopServices, raising=False)
+    monkeypatch.setattr(clam.qt, "QUrl", QUrl, raising=False)
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "assignments.csv").write_text("id,cluster,q0,q1,lung_volume_l,status,reason\n"
+                                          "a,,,,,failed,cannot read the file\n")
+    index = clam.CLAMLogic.openCohortReport(maps)
+    assert index == maps / "report" / "index.html" and "cannot read the file" in index.read_text()
+    assert opened == [("file", str(index))]

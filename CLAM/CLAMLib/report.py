@@ -145,7 +145,7 @@ def scan_pictures_of(maps: Path, row: Row) -> str:
     if all(p.is_file() and p.stat().st_mtime >= newest for p in pictures[:2]):
         return ""
     try:
-        source = json.loads((folder / ".done").read_text()).get("source")
+        source = json.loads((folder / ".done").read_text(encoding="utf-8")).get("source")
     except (OSError, json.JSONDecodeError):
         source = None
     if not source:

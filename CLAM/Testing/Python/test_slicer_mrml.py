@@ -520,5 +520,5 @@ def test_clam_logic_opens_the_cohort_report(tmp_path, monkeypatch):
     (maps / "assignments.csv").write_text("id,cluster,q0,q1,lung_volume_l,status,reason\n"
                                           "a,,,,,failed,cannot read the file\n")
     index = clam.CLAMLogic.openCohortReport(maps)
-    assert index == maps / "report" / "index.html" and "cannot read the file" in index.read_text()
+    assert index == maps / "report" / "index.html" and "cannot read the file" in index.read_text(encoding="utf-8")
     assert opened == [("file", str(index))]

@@ -285,7 +285,7 @@ class CohortMapper:
         """model_card.json: the model's card, where its bundle is and the map settings, for the cohort report."""
         card = {"model": None if self.bundle is None else str(self.bundle), "card": self.model.card,
                 "method": self.method, "clusters": self.clusters, "format": self.fmt}
-        path = self.out / CARD
+        path = output_path(self.out, CARD)
         with atomic_path(path) as tmp:
             Path(tmp).write_text(json.dumps(card, indent=1, default=str) + "\n")
         return path

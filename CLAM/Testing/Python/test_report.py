@@ -215,6 +215,14 @@ def test_clam_map_report_on_phantoms(tmp_path: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in files}
     assert main(["report", str(out), "--quiet"]) == 0
     assert {p: p.stat().st_mtime_ns for p in files} == before  # nothing made again
+    for picture in out.glob("scans/*/map*.png"):
+        picture.unlink()
+    assert main(["map", str(bundle), str(tmp_path / "scans ü"), "--out", str(out), "--device", "cpu", "--quiet",
+                 "--redo"]) == 0  # scans from the preprocessing cache: read again for their pictures
+    assert any((out / "cache").iterdir())
+    for scan_id in ids:
+        assert (out / "scans" / scan_id / "map.png").stat().st_size > 1000
+        assert (out / "scans" / scan_id / "map_axial.png").is_file()
 
 
 def test_report_in_headless_chromium(maps: Path, tmp_path: Path) -> None:

@@ -472,8 +472,9 @@ class CLAMLogic(ScriptedLoadableModuleLogic):
                 if importlib.util.find_spec("slicer.packaging") is not None:  # Slicer 5.12 and later
                     importlib.import_module("slicer.packaging").pip_ensure(
                         missing, constraints=constraints, prompt_install=False, requester="CLAM")
-                else:
-                    slicer.util.pip_install([*missing, "-c", str(constraints)])
+                else:  # no progress dialog before 5.12: a wait cursor while pip runs, none for the messages
+                    with slicer.util.WaitCursor():
+                        slicer.util.pip_install([*missing, "-c", str(constraints)])
             except (subprocess.CalledProcessError, OSError, RuntimeError) as error:
                 raise CLAMDependencyError(_("Installing {packages} failed (no network, or a proxy?). Install them "
                                             "yourself in Slicer's Python console: {hint}, then restart Slicer."

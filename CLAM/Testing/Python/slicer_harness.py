@@ -421,6 +421,7 @@ class Harness:
         self.app = App()
         self.slotErrors: list[str] = []
         self.errors: list[str] = []
+        self.errorCursors: list[list] = []
         self.dialogs: list[tuple[str, list]] = []
         self.answers: list[bool] = []
         self.pip: list[Any] = []
@@ -454,7 +455,9 @@ class Harness:
                 return self.active
 
         harness = self
-        module("qt", QTimer=QTimer, Qt=types.SimpleNamespace(WaitCursor="wait"))
+        application = types.SimpleNamespace(setOverrideCursor=self.app.setOverrideCursor,  # slicer.app is the
+                                            restoreOverrideCursor=self.app.restoreOverrideCursor)  # QApplication
+        module("qt", QTimer=QTimer, Qt=types.SimpleNamespace(WaitCursor="wait"), QApplication=application)
         module("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text)
         module("slicer.parameterNodeWrapper", parameterNodeWrapper=parameterNodeWrapper,
                Choice=lambda choices: ("Choice", tuple(choices)), WithinRange=lambda lo, hi: ("WithinRange", lo, hi))
@@ -483,6 +486,7 @@ class Harness:
 
     def _errorDisplay(self, text: str, **kwargs: Any) -> None:
         self.errors.append(text)
+        self.errorCursors.append(list(self.app.cursors))
 
     def _confirm(self, text: str, windowTitle: str = "", **kwargs: Any) -> bool:
         self.dialogs.append((text, list(self.app.cursors)))

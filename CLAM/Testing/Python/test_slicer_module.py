@@ -226,14 +226,17 @@ def test_offline_install_failure_is_one_message_saying_what_to_install(harness, 
     add_ct("ct")
     panel = harness.widget(harness.clam)
 
+    cursors = []
+
     def offline(requirements):
+        cursors.append(list(harness.app.cursors))
         raise subprocess.CalledProcessError(1, ["pip", "install", *requirements])
 
     monkeypatch.setattr(slicer.util, "pip_install", offline)
     panel.ui.applyButton.click()
     assert len(harness.errors) == 1, harness.errors
     assert "CalledProcessError" not in harness.errors[0] and "pip_install('matplotlib>=3.6')" in harness.errors[0]
-    assert harness.app.cursors == []
+    assert cursors == [["wait"]] and harness.errorCursors == [[]] and harness.app.cursors == []
 
 
 def test_install_uses_pip_ensure_where_slicer_has_it(harness, missing_matplotlib, monkeypatch):

@@ -34,6 +34,7 @@ class CohortPanel:
         self.ui.mapCancelButton.connect("clicked(bool)", self.onMapCancel)
         self.ui.mapCancelButton.enabled = False
         self.ui.openCohortButton.connect("clicked(bool)", self.onOpen)
+        self.ui.cohortReportButton.connect("clicked(bool)", self.onReport)
         for combo in (self.ui.clusterFilterComboBox, self.ui.statusFilterComboBox):
             combo.connect("currentIndexChanged(int)", self.refreshTable)
         self.ui.uncertainCheckBox.connect("toggled(bool)", self.refreshTable)
@@ -148,6 +149,12 @@ class CohortPanel:
             self._filling = False
             self.refreshTable()
             self.ui.cohortStatusLabel.text = f"{len(table.rows)} scans, k = {table.k}."
+
+    def onReport(self) -> None:
+        """Write (or refresh) the folder's cohort report and open it in the system browser."""
+        with slicer.util.tryWithErrorDisplay("Could not write the cohort report.", waitCursor=True):
+            index = self.logic.openCohortReport(self.ui.cohortFolderPathLineEdit.currentPath)
+            self.ui.cohortStatusLabel.text = f"Cohort report: {index}"
 
     def refreshTable(self, *args: Any) -> None:
         """Apply the filters and sorting, and show the list."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from .errors import CLAMError, InputError
 
@@ -39,6 +40,52 @@ Run `clam COMMAND --help` for the options of each command.
 """
 
 
+def _whole(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one of at least {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+def _not_negative(text: str) -> float:
+    """An argparse type: a number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give one of at least 0") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, not {text}")
+    return value
+
+
+def _grid(text: str) -> int:
+    """An argparse type: a model grid side, a multiple of 8 from 16 to 256."""
+    value = _whole(16)(text)
+    if value % 8 or value > 256:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 from 16 to 256, not {value}; try "
+                                         f"{min(256, max(16, round(value / 8) * 8))}")
+    return value
+
+
+class _KRange(argparse.Action):
+    """--k-range MIN MAX: two whole numbers of at least 2, MIN not above MAX."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Sequence[int],
+                 option_string: Optional[str] = None) -> None:
+        low, high = values
+        if low > high:
+            parser.error(f"argument --k-range: MIN {low} is above MAX {high}; give them in order, "
+                         f"e.g. --k-range {high} {low}")
+        setattr(namespace, self.dest, (low, high))
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"],
                    help="where to compute: auto picks a CUDA or Apple GPU when there is one (default: auto)")
@@ -52,7 +99,7 @@ def _add_exclude(p: argparse.ArgumentParser) -> None:
 
 
 def _add_lung_closing(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lung-closing", type=float, default=LUNG_CLOSING, metavar="MM",
+    p.add_argument("--lung-closing", type=_not_negative, default=LUNG_CLOSING, metavar="MM",
                    help=f"radius in mm of the closing of each lung in the lung mask (default: {LUNG_CLOSING:g}, "
                         "which takes in solid lesions touching the pleura or the diaphragm; 6 leaves most of them out)")
 
@@ -91,19 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="one scenario at the true k only (about 2 minutes)")
     demo.add_argument("--scenarios", nargs="+", default=["size", "location", "intensity"],
                       choices=["size", "location", "intensity"], help="scenarios to run (default: all three)")
-    demo.add_argument("--subjects", type=int, default=20, help="subjects per cluster (default: 20)")
+    demo.add_argument("--subjects", type=_whole(2), default=20, help="subjects per cluster (default: 20)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for phantoms and training (default: 0)")
-    demo.add_argument("--anatomy-variation", type=float, default=1.0,
+    demo.add_argument("--anatomy-variation", type=_not_negative, default=1.0,
                       help="how much lung size, shape and position vary between subjects: 0 none, "
                            "1 realistic adult variation (default: 1)")
-    demo.add_argument("--grid", type=int, default=32, help="model grid side in voxels, a multiple of 8 "
+    demo.add_argument("--grid", type=_grid, default=32, help="model grid side in voxels, a multiple of 8 "
                                                             "(default: 32 for speed; the paper used 88)")
-    demo.add_argument("--epochs", type=int, default=None, help="autoencoder pretraining epochs (default: 60)")
-    demo.add_argument("--smooth", type=float, default=DEMO_SMOOTH,
+    demo.add_argument("--epochs", type=_whole(1), default=None, help="autoencoder pretraining epochs (default: 60)")
+    demo.add_argument("--smooth", type=_not_negative, default=DEMO_SMOOTH,
                       help=f"sigma, in model-grid voxels, of a fixed Gaussian in front of the encoder, so that a "
                            f"lesion a voxel or two from its cluster's usual site still counts as there; maps stay "
                            f"on the unsmoothed input (default: {DEMO_SMOOTH:g}; 0 is off)")
-    demo.add_argument("--restarts", type=int, default=RESTARTS,
+    demo.add_argument("--restarts", type=_whole(1), default=RESTARTS,
                       help=f"autoencoders pretrained from successive seeds; the one whose k-means clusters separate "
                            f"best (silhouette) is fine-tuned (default: {RESTARTS})")
     demo.add_argument("--small-mm", type=float, default=None, help="size scenario: small lesion diameter in mm")
@@ -136,29 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "searched recursively, or a CSV manifest with columns id,path")
     train.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     _add_exclude(train)
-    train.add_argument("--k", type=int, default=None, help="number of clusters; omit to choose it over --k-range")
-    train.add_argument("--k-range", type=int, nargs=2, default=(2, 8), metavar=("MIN", "MAX"),
+    train.add_argument("--k", type=_whole(1), default=None, help="number of clusters; omit to choose it over --k-range")
+    train.add_argument("--k-range", type=_whole(2), nargs=2, default=(2, 8), metavar=("MIN", "MAX"), action=_KRange,
                        help="k values to try when --k is omitted, chosen by silhouette (default: 2 8)")
-    train.add_argument("--grid", type=int, default=88, help="model grid side, a multiple of 8 (default: 88)")
+    train.add_argument("--grid", type=_grid, default=88, help="model grid side, a multiple of 8 (default: 88)")
     train.add_argument("--register", choices=["none", "affine", "bspline"], default="none",
                        help="register scans to a template built from the cohort (default: none)")
     _add_lung_closing(train)
-    train.add_argument("--epochs", type=int, default=60, help="autoencoder pretraining epochs (default: 60)")
-    train.add_argument("--smooth", type=float, default=0.0,
+    train.add_argument("--epochs", type=_whole(1), default=60, help="autoencoder pretraining epochs (default: 60)")
+    train.add_argument("--smooth", type=_not_negative, default=0.0,
                        help="sigma, in model-grid voxels, of a fixed Gaussian in front of the encoder; tolerates "
                             "lesions that lie a voxel or two apart between scans of a cluster (default: 0, off, as "
                             f"in the paper; clam demo uses {DEMO_SMOOTH:g})")
-    train.add_argument("--restarts", type=int, default=RESTARTS,
+    train.add_argument("--restarts", type=_whole(1), default=RESTARTS,
                        help=f"autoencoders pretrained from successive seeds; the one whose k-means clusters separate "
                             f"best (silhouette) is fine-tuned (default: {RESTARTS}; each adds one pretraining)")
-    train.add_argument("--finetune-epochs", type=int, default=30, help="DCEC fine-tuning epochs (default: 30)")
-    train.add_argument("--batch-size", type=int, default=8, help="batch size (default: 8)")
+    train.add_argument("--finetune-epochs", type=_whole(1), default=30, help="DCEC fine-tuning epochs (default: 30)")
+    train.add_argument("--batch-size", type=_whole(1), default=8, help="batch size (default: 8)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--progress-json", action="store_true",
                        help="print progress as one JSON object per line on stdout (for the Slicer module)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue an interrupted run from its checkpoint (same scans and options) to the same "
-                            "result as an uninterrupted run")
+    restart = train.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true",
+                         help="continue an interrupted run from its checkpoint (same scans and options) to the same "
+                              "result as an uninterrupted run")
+    restart.add_argument("--restart", action="store_true",
+                         help="discard the checkpoint of an interrupted run and start again (without --resume or "
+                              "--restart, an existing checkpoint stops the run)")
     train.add_argument("--checkpoint", type=Path, default=None,
                        help="checkpoint folder, written after every epoch and removed at the end "
                             "(default: OUT/checkpoint)")
@@ -273,6 +324,37 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min"
 
 
+def _writable_folder(path: Path, option: str) -> None:
+    """Make the output folder given by `option` (if missing) and check that files can be written into it."""
+    import tempfile
+
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path} is a file, not a folder; give a folder (it is made when missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write into {option} {path} ({exc.strerror or exc}); choose a folder you can "
+                         f"write to") from None
+
+
+def _check_checkpoint(folder: Path, resume: bool, restart: bool) -> str:
+    """Refuse an unasked-for checkpoint or a missing one to resume; discard it on --restart; describe a resume."""
+    from .train import Checkpoint
+
+    checkpoint = Checkpoint(folder)
+    if checkpoint.exists() and not (resume or restart):
+        raise InputError(f"{folder} holds the checkpoint of an earlier, unfinished run; add --resume to continue it, "
+                         f"or --restart to discard it and start again")
+    if resume and not checkpoint.exists():
+        raise InputError(f"--resume: there is no checkpoint in {folder} to continue; run without --resume to start "
+                         f"(or give the interrupted run's --checkpoint)")
+    if restart:
+        checkpoint.remove()
+    return checkpoint.describe() if resume else ""
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Fit and save a bundle (under torchrun: each rank preprocesses its share of the scans, all train, rank 0 writes)."""
     from .cohort import find_scans
@@ -281,14 +363,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import Architecture
     from .preprocess import PreprocessConfig
     from .qc import training_report
-    from .train import TrainConfig
+    from .train import TrainConfig, resolve_device
 
     ctx = from_env(args.device)
     try:
         device = device_for(ctx, args.device)
-        scans = find_scans(args.scans, exclude=args.exclude)
+        resolve_device(device)
         report_dir = args.report or args.out / "report"
         checkpoint = args.checkpoint or args.out / "checkpoint"
+        for option, folder in (("--out", args.out), ("--report", args.report), ("--checkpoint", args.checkpoint)):
+            if folder is not None:
+                _writable_folder(folder, option)
+        resumed = _check_checkpoint(checkpoint, args.resume, args.restart)
+        scans = find_scans(args.scans, exclude=args.exclude, outputs=[args.out, report_dir, checkpoint])
         quiet = args.quiet or args.progress_json or not ctx.main
         ndim = _cohort_ndim(scans)
         config = PreprocessConfig(grid=args.grid, ndim=ndim, register=args.register, closing_mm=args.lung_closing)
@@ -304,6 +391,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             architecture=Architecture(ndim=ndim, grid=args.grid, smooth=args.smooth), verbose=not quiet)
         model.preprocessor_ = preprocessor
         progress = _progress_printer(args.progress_json) if ctx.main and not args.quiet else None
+        if resumed and ctx.main:
+            print(f"clam train: resuming from the checkpoint in {checkpoint}: {resumed}", file=sys.stderr)
         names = ", ".join(s.id for s in used[:5]) + (" ..." if len(used) > 5 else "")
         model.fit(prepared, progress=progress, trained_on=f"{len(used)} scans: {names}",
                   trainer_options={"checkpoint": checkpoint, "resume": args.resume, "dist": ctx})
@@ -409,12 +498,15 @@ def cmd_map(args: argparse.Namespace) -> int:
     from .cohort import find_scans
     from .distributed import device_for, from_env, shutdown
     from .estimator import load_bundle
+    from .train import resolve_device
 
     ctx = from_env(args.device)
     try:
         device = device_for(ctx, args.device)
+        resolve_device(device)
         model = load_bundle(args.model, device=device)
-        scans = find_scans(args.scans, exclude=args.exclude)
+        _writable_folder(args.out, "--out")
+        scans = find_scans(args.scans, exclude=args.exclude, outputs=[args.out])
         mapper = CohortMapper(model, args.out, fmt=args.format, method=args.method, clusters=args.clusters,
                               qc=not args.no_qc, device=device, dist=ctx,
                               verbose=not (args.quiet or args.progress_json), cache=_cache(args),
@@ -482,6 +574,22 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"clam: warning: {text}", file=file or sys.stderr)
 
 
+def _how_to_continue(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> str:
+    """What to run after an interruption: the same command (with --resume for a training with a checkpoint)."""
+    from .train import Checkpoint
+
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if w not in ("--resume", "--restart")]
+    if args.command == "map":
+        return f"run the same command to continue (finished scans are skipped): {shlex.join(['clam', *words])}"
+    if args.command == "train":
+        checkpoint = args.checkpoint or args.out / "checkpoint"
+        if Checkpoint(checkpoint).exists():
+            return (f"the checkpoint in {checkpoint} keeps the last finished epoch; to continue run: "
+                    f"{shlex.join(['clam', *words, '--resume'])}")
+        return f"no epoch was finished, so there is nothing to resume; start again: {shlex.join(['clam', *words])}"
+    return "run the same command again"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `clam`."""
     parser = build_parser()
@@ -499,7 +607,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"clam {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"clam {args.command}: interrupted", file=sys.stderr)
+        print(f"clam {args.command}: interrupted; {_how_to_continue(args, argv)}", file=sys.stderr)
         return 130
 
 

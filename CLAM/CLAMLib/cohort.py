@@ -51,9 +51,12 @@ def _is_dicom_folder(folder: Path) -> bool:
     return False
 
 
-def _from_folder(folder: Path) -> list[Scan]:
+def _from_folder(folder: Path, outputs: Sequence[Path] = ()) -> list[Scan]:
     scans = []
+    skipped = [o.resolve() for o in outputs]
     for path in sorted(folder.rglob("*")):
+        if any(o == path.resolve() or o in path.resolve().parents for o in skipped):
+            continue
         if path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES):
             scans.append(Scan(_scan_id(path, folder), path))
         elif path.is_dir() and _is_dicom_folder(path):
@@ -87,11 +90,12 @@ def _excluded(scan: Scan, root: Path | None, exclude: Sequence[str]) -> bool:
     return any(fnmatch(scan.path.name, pattern) or fnmatch(shown, pattern) for pattern in exclude)
 
 
-def find_scans(inputs: Iterable[Union[str, Path]], exclude: Sequence[str] = ()) -> list[Scan]:
+def find_scans(inputs: Iterable[Union[str, Path]], exclude: Sequence[str] = (),
+               outputs: Sequence[Union[str, Path]] = ()) -> list[Scan]:
     """Scans named by files, DICOM series folders, folders searched recursively, or CSV manifests (id, path).
 
     Scans whose file or folder name, or path under a folder given, matches an `exclude` pattern (fnmatch style,
-    e.g. '*_label.nrrd') are left out.
+    e.g. '*_label.nrrd') are left out, and so are the `outputs` folders (e.g. --out inside an input folder).
     """
     items = [Path(item) for item in inputs]
     scans: list[Scan] = []
@@ -104,7 +108,10 @@ def find_scans(inputs: Iterable[Union[str, Path]], exclude: Sequence[str] = ()) 
         elif item.is_file():
             found = [Scan(_scan_id(item, item.parent), item)]
         else:
-            found, root = _from_folder(item), item
+            if any(Path(o).resolve() == item.resolve() for o in outputs):
+                raise InputError(f"the output folder is the input folder {item}: the outputs would be read as scans "
+                                 f"on the next run; choose another --out (a folder inside {item} is fine)")
+            found, root = _from_folder(item, [Path(o) for o in outputs]), item
             if not found:
                 raise InputError(f"no scans (NIfTI, NRRD, MHA or DICOM series) found under {item}.")
         scans.extend(scan for scan in found if not _excluded(scan, root, exclude))

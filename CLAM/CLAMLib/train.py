@@ -103,13 +103,20 @@ def resolve_device(device: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device == "gpu":
+        if not (torch.cuda.is_available() or mps):
+            raise InputError("device 'gpu' was asked for but torch sees neither a CUDA nor an Apple (MPS) GPU; "
+                             "use --device auto or cpu")
         device = "cuda" if torch.cuda.is_available() else "mps"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was asked for but torch sees no CUDA GPU; use device 'auto' or 'cpu'.")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("device 'mps' was asked for but is not available; use device 'auto' or 'cpu'.")
-    return torch.device(device)
+        raise InputError(f"device '{device}' was asked for but torch sees no CUDA GPU; use --device auto or cpu")
+    if device == "mps" and not mps:
+        raise InputError("device 'mps' was asked for but is not available; use --device auto or cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise InputError(f"unknown device {device!r} ({exc}); use --device auto, cpu, cuda, gpu or mps") from None
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -293,6 +300,18 @@ class Checkpoint:
         if not state.is_file() or sha256_file(state) != card.get("sha256"):
             raise InputError(f"checkpoint state {state} is missing or damaged; {fix}.")
         return card, load_file(str(state))
+
+    def describe(self) -> str:
+        """Where the saved run stands, in words (e.g. 'pretraining restart 1, 3 epochs done')."""
+        try:
+            card = json.loads((self.folder / CHECKPOINT_CARD).read_text())
+            meta, epochs = card.get("meta", {}), int(card["epoch"])
+            done = f"{epochs} epoch{'' if epochs == 1 else 's'} done"
+            if card["stage"] == "pretrain":
+                return f"autoencoder pretraining, restart {int(meta.get('restart', 0)) + 1}, {done}"
+            return f"fine-tuning, {done}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "an unreadable checkpoint card"
 
     def remove(self) -> None:
         """Delete the checkpoint (after the bundle is safely written)."""

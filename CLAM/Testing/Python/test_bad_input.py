@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from CLAMLib.cli import main
 from CLAMLib.estimator import CLAMModel
 from CLAMLib.imageio import read_image
-from CLAMLib.train import TrainConfig
-from cohort_data import TRAIN_ARGS, write_phantoms
+from CLAMLib.train import EXIT_AFTER_BATCHES_ENV, EXIT_CODE, TrainConfig
+from cohort_data import TRAIN_ARGS, run_clam, write_phantoms
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +131,161 @@ def test_links_out_of_the_output_folder_are_refused(cohort: dict, tmp_path: Path
     line = one_error(capsys.readouterr().err, "map")
     assert rc == 2 and "lies outside the output folder" in line and "choose another --out" in line
     assert not list(elsewhere.iterdir())
+
+
+@pytest.mark.parametrize("option, values, words", [
+    ("--batch-size", ["0"], "argument --batch-size: must be at least 1, not 0"),
+    ("--epochs", ["0"], "argument --epochs: must be at least 1, not 0"),
+    ("--epochs", ["-1"], "argument --epochs: must be at least 1, not -1"),
+    ("--finetune-epochs", ["0"], "argument --finetune-epochs: must be at least 1, not 0"),
+    ("--grid", ["20"], "argument --grid: must be a multiple of 8 from 16 to 256, not 20; try 16"),
+    ("--grid", ["x"], "argument --grid: 'x' is not a whole number"),
+    ("--k-range", ["5", "2"], "argument --k-range: MIN 5 is above MAX 2; give them in order, e.g. --k-range 2 5"),
+    ("--k-range", ["1", "4"], "argument --k-range: must be at least 2, not 1"),
+    ("--device", ["tpu"], "argument --device: invalid choice: 'tpu'"),
+])
+def test_train_options_are_checked_when_parsed(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               option: str, values: list[str], words: str) -> None:
+    with Sandbox(tmp_path, cohort["good"]) as box, pytest.raises(SystemExit) as stop:
+        main(["train", str(cohort["root"] / "good"), "--out", str(box.out), option, *values])
+    assert stop.value.code == 2
+    assert words in one_error(capsys.readouterr().err, "train")
+    assert not box.out.exists()
+
+
+def test_demo_subjects_are_checked_when_parsed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with Sandbox(tmp_path, []) as box, pytest.raises(SystemExit) as stop:
+        main(["demo", "--subjects", "1", "--out", str(box.out)])
+    assert stop.value.code == 2
+    line = one_error(capsys.readouterr().err, "demo")
+    assert "argument --subjects: must be at least 2, not 1" in line and "n_per_cluster" not in line
+
+
+@pytest.mark.parametrize("command", ["map", "train"])
+def test_out_naming_a_file_is_one_line(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                       command: str) -> None:
+    target = tmp_path / "work" / "taken.txt"
+    target.parent.mkdir()
+    target.write_text("not a folder\n")
+    with Sandbox(tmp_path, [*cohort["good"], target]):
+        lead = [str(cohort["bundle"])] if command == "map" else []
+        rc = main([command, *lead, str(cohort["root"] / "good"), "--out", str(target), *TRAIN_ARGS[-4:]])
+    assert rc == 2
+    assert f"--out {target} is a file, not a folder; give a folder" in one_error(capsys.readouterr().err, command)
+
+
+@pytest.mark.parametrize("command", ["map", "train"])
+def test_out_below_a_file_is_one_line(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                      command: str) -> None:
+    blocker = tmp_path / "work" / "file"
+    blocker.parent.mkdir()
+    blocker.write_text("x")
+    with Sandbox(tmp_path, [*cohort["good"], blocker]):
+        lead = [str(cohort["bundle"])] if command == "map" else []
+        rc = main([command, *lead, str(cohort["root"] / "good"), "--out", str(blocker / "out"), *TRAIN_ARGS[-4:]])
+    assert rc == 2
+    line = one_error(capsys.readouterr().err, command)
+    assert f"cannot write into --out {blocker / 'out'} (Not a directory); choose a folder you can write to" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_out_is_one_line(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "work" / "locked"
+    out.mkdir(parents=True)
+    out.chmod(0o555)
+    try:
+        rc = main(["map", str(cohort["bundle"]), str(cohort["good"][0]), "--out", str(out), "--device", "cpu"])
+    finally:
+        out.chmod(0o755)
+    assert rc == 2
+    assert "(Permission denied); choose a folder you can write to" in one_error(capsys.readouterr().err, "map")
+    assert not list(out.iterdir())
+
+
+@pytest.mark.parametrize("command", ["map", "train"])
+@pytest.mark.parametrize("device", ["cuda", "gpu"])
+def test_missing_gpu_fails_once_before_any_scan(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch, command: str, device: str) -> None:
+    import torch
+    from CLAMLib import imageio
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(imageio, "read_image", lambda *a: pytest.fail("a scan was read"))
+    with Sandbox(tmp_path, cohort["good"]) as box:
+        lead = [str(cohort["bundle"])] if command == "map" else []
+        rc = main([command, *lead, str(cohort["root"] / "good"), "--out", str(box.out), "--device", device])
+    line = one_error(capsys.readouterr().err, command)
+    assert rc == 2 and f"device '{device}' was asked for" in line and "--device auto or cpu" in line
+    assert "'mps'" not in line
+    assert not (box.out / "scans").exists()
+
+
+def test_out_inside_the_input_folder_is_not_read_as_scans(cohort: dict, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "work" / "cohort"
+    shutil.copytree(cohort["root"] / "good", folder)
+    out = folder / "maps"
+    args = ["map", str(cohort["bundle"]), str(folder), "--out", str(out), "--device", "cpu", "--quiet", "--no-qc",
+            "--clusters", "assigned"]
+    hashes = digests([folder])
+    assert main(args) == 0
+    assert main(args) == 0
+    assert {f: h for f, h in digests([folder]).items() if out not in f.parents} == hashes
+    capsys.readouterr()
+    with open(out / "assignments.csv") as f:
+        assert len(f.readlines()) == 1 + len(cohort["good"])
+    assert main(["map", str(cohort["bundle"]), str(folder), "--out", str(folder), "--device", "cpu"]) == 2
+    line = one_error(capsys.readouterr().err, "map")
+    assert "the output folder is the input folder" in line and "choose another --out" in line
+
+
+def test_checkpoint_is_never_discarded_silently(cohort: dict, tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    args = ["train", str(cohort["root"] / "good"), "--out", str(out), *TRAIN_ARGS]
+    # 8 scans in batches of 3 = 3 steps per epoch: step 4 falls in restart 0's second epoch
+    assert run_clam(args, **{EXIT_AFTER_BATCHES_ENV: "4"}).returncode == EXIT_CODE
+    card = (out / "checkpoint" / "checkpoint.json").read_bytes()
+    again = run_clam(args)
+    assert again.returncode == 2
+    line = one_error(again.stderr, "train")
+    assert "holds the checkpoint of an earlier, unfinished run; add --resume to continue it, or --restart" in line
+    assert (out / "checkpoint" / "checkpoint.json").read_bytes() == card
+    resumed = run_clam(args + ["--resume"], **{EXIT_AFTER_BATCHES_ENV: "1"})
+    assert resumed.returncode == EXIT_CODE, resumed.stderr
+    assert (f"clam train: resuming from the checkpoint in {out / 'checkpoint'}: autoencoder pretraining, restart 1, "
+            "1 epoch done") in resumed.stderr
+    restarted = run_clam(args + ["--restart"])
+    assert restarted.returncode == 0, restarted.stderr
+    assert "resuming" not in restarted.stderr and not (out / "checkpoint").exists()
+
+
+def test_resume_without_a_checkpoint_stops(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with Sandbox(tmp_path, cohort["good"]) as box:
+        rc = main(["train", str(cohort["root"] / "good"), "--out", str(box.out), *TRAIN_ARGS, "--resume"])
+    assert rc == 2
+    line = one_error(capsys.readouterr().err, "train")
+    assert f"--resume: there is no checkpoint in {box.out / 'checkpoint'} to continue; run without --resume" in line
+    assert not (box.out / "model.json").exists()
+
+
+def test_interrupted_training_prints_the_command_to_resume(cohort: dict, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from CLAMLib.train import Checkpoint
+
+    save = Checkpoint.save
+
+    def save_then_stop(self: Checkpoint, *args: object, **kwargs: object) -> None:
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
+    out = tmp_path / "bundle"
+    args = ["train", str(cohort["root"] / "good"), "--out", str(out), *TRAIN_ARGS]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"clam train: interrupted; the checkpoint in {out / 'checkpoint'} keeps the last finished epoch; to continue "
+        f"run: clam {' '.join(args)} --resume")

@@ -23,7 +23,8 @@ import json
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +38,7 @@ from .cache import CachedScan, PreprocessCache
 from .cohort import Scan
 from .distributed import SINGLE, DistContext
 from .errors import CLAMError, InputError
-from .imageio import atomic_path, check_image, read_image, write_image
+from .imageio import LUNG_VOLUME_L, atomic_path, check_image, read_image, write_image
 from .overlay import SCALE, native_map, write_map
 from .paths import output_path
 from .pictures import average_picture, reduced, scan_pictures
@@ -84,6 +85,10 @@ def checked_scan(scan: Scan, ndim: int, qc_path: Path | None = None,
     volume = lung_volume_litres(mask)
     if qc_path is not None:
         qc_picture(image, mask, qc_path, title=scan.id)
+    if not LUNG_VOLUME_L[0] <= volume <= LUNG_VOLUME_L[1]:
+        raise InputError(f"the lung mask measures {volume:.3g} L, outside the {LUNG_VOLUME_L[0]:g}-{LUNG_VOLUME_L[1]:g} "
+                         f"L of a chest CT's lungs; check the voxel spacing in the header and that the scan covers "
+                         f"the chest (the QC picture shows the mask)")
     return image, lungs, volume
 
 
@@ -119,6 +124,27 @@ def gridded_scan(scan: Scan, preprocessor: Preprocessor, qc_path: Path | None = 
         qc = qc_path.read_bytes() if qc_path is not None and qc_path.is_file() else None
         cache.store(key, CachedScan(grid, volume, scan.id, qc, fields))
     return grid, volume
+
+
+@contextmanager
+def warnings_of(scan: Scan, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Collect the warnings raised for one scan: each one logged; CLAM's own passed on once, as 'ID: message'."""
+    own, kept = Path(__file__).parent, []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                text = " ".join(str(w.message).split())
+                if log is not None:
+                    log(f"{scan.id} warning: {text}")
+                if Path(w.filename).parent == own and text not in seen:
+                    seen.add(text)
+                    kept.append((f"{scan.id}: {text}", w.category))
+    for text, category in kept:
+        warnings.warn(text, category, stacklevel=3)
 
 
 def _reason(exc: BaseException) -> str:
@@ -171,15 +197,14 @@ class CohortMapper:
         """Map one scan, writing its outputs (done marker last); a bad scan gives a failed result, not an error."""
         start = time.perf_counter()
         folder = self.folder(scan)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+        with warnings_of(scan, self._log):
+            try:
                 result = self._map(scan, folder)
-        except (CLAMError, RuntimeError, OSError, ValueError, MemoryError) as exc:
-            result = ScanResult(scan.id, "failed", reason=_reason(exc), rank=self.dist.rank,
-                                source=str(Path(scan.path).absolute()))
-            if not isinstance(exc, CLAMError):
-                self._log(f"{scan.id} traceback: {traceback.format_exc(limit=3)!r}")
+            except (CLAMError, RuntimeError, OSError, ValueError, MemoryError) as exc:
+                result = ScanResult(scan.id, "failed", reason=_reason(exc), rank=self.dist.rank,
+                                    source=str(Path(scan.path).absolute()))
+                if not isinstance(exc, CLAMError):
+                    self._log(f"{scan.id} traceback: {traceback.format_exc(limit=3)!r}")
         result.seconds = round(time.perf_counter() - start, 3)
         with atomic_path(folder / "result.json") as tmp:
             Path(tmp).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
@@ -324,9 +349,11 @@ class CohortMapper:
 
 
 def _model_id(model: Any) -> str:
-    """An identity of the fitted model: SHA-256 of its weights and preprocessing constants."""
+    """An identity of the fitted model: its bundle's hash, or the SHA-256 of its weights and preprocessing constants."""
     import hashlib
 
+    if getattr(model, "bundle_sha256_", None):
+        return model.bundle_sha256_[:16]
     h = hashlib.sha256()
     for name, value in model.net_.state_dict().items():
         h.update(name.encode())

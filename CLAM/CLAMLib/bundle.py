@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Union
@@ -13,15 +15,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import BundleError
-from .fingerprint import sha256_file
+from .errors import BundleError, CLAMError
+from .fingerprint import sha256_file, sha256_json
 from .imageio import atomic_path
 from .model import Architecture, ClusterNet
 
 FORMAT = "clam-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: model.json carries `sha256`, the hash of every other field (canonical JSON), which covers the weights' hash."""
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
+SEAL = "sha256"
+"""The field of model.json that holds the SHA-256 of the rest of the card."""
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -54,8 +59,28 @@ def save(path: PathLike, net: ClusterNet, meta: dict[str, Any], arrays: dict[str
         "weights": {"file": WEIGHTS, "sha256": sha256_file(folder / WEIGHTS),
                     "bytes": (folder / WEIGHTS).stat().st_size},
     }
+    _write_card(folder, card)
+    return folder
+
+
+def _write_card(folder: Path, card: dict[str, Any]) -> None:
+    """Write model.json atomically, sealed with the SHA-256 of its other fields."""
+    fields = {k: v for k, v in card.items() if k != SEAL}
+    sealed = {**fields, SEAL: sha256_json(json.loads(json.dumps(fields)))}
     with atomic_path(folder / CARD) as tmp:
-        Path(tmp).write_text(json.dumps(card, indent=2) + "\n")
+        Path(tmp).write_text(json.dumps(sealed, indent=2) + "\n")
+
+
+def card_hash(card: dict[str, Any]) -> str:
+    """SHA-256 of a card's fields but the seal (canonical JSON): the bundle's identity."""
+    return sha256_json({k: v for k, v in card.items() if k != SEAL})
+
+
+def reseal(path: PathLike) -> Path:
+    """Bring a bundle of an older format to this one: check its weights, then seal its model.json."""
+    folder, card = read_card(path, upgrade=True)
+    _check_weights(folder, card)
+    _write_card(folder, {**card, "format_version": FORMAT_VERSION})
     return folder
 
 
@@ -63,8 +88,12 @@ def _fail(folder: Path, what: str, fix: str) -> BundleError:
     return BundleError(f"model bundle {folder}: {what}. {fix}")
 
 
-def read_card(path: PathLike) -> tuple[Path, dict[str, Any]]:
-    """The bundle folder and its parsed, version-checked JSON card."""
+def read_card(path: PathLike, upgrade: bool = False) -> tuple[Path, dict[str, Any]]:
+    """The bundle folder and its parsed, version-checked and seal-checked JSON card.
+
+    A card of format version 1 (before the seal) is read with a warning that says how to seal it (`upgrade` is
+    reseal's own reading, without the warning).
+    """
     folder = Path(path)
     if folder.is_file() and folder.name == CARD:
         folder = folder.parent
@@ -83,15 +112,20 @@ def read_card(path: PathLike) -> tuple[Path, dict[str, Any]]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise _fail(folder, f"format version {version!r} is newer than this CLAM reads ({FORMAT_VERSION})",
                     "Update CLAM (pip install -U clam-explain) or retrain the model.")
+    if version >= 2 and card.get(SEAL) != card_hash(card):
+        raise _fail(folder, f"{CARD} was changed after the bundle was written (its SHA-256 does not match the "
+                            f"'{SEAL}' field)", "Use the original bundle, or retrain; any edit changes the results.")
+    if version < 2 and not upgrade:
+        warnings.warn(f"model bundle {folder} is of the older format version {version}, whose {CARD} is not "
+                      f"protected against edits; seal it with: python -m CLAMLib.bundle {folder}", stacklevel=3)
     for key in ("architecture", "k", "centroids", "weights"):
         if key not in card:
             raise _fail(folder, f"{CARD} lacks the field {key!r}", "Retrain or re-save the bundle.")
     return folder, card
 
 
-def load(path: PathLike, device: str | torch.device = "cpu") -> tuple[ClusterNet, dict[str, Any], dict[str, np.ndarray]]:
-    """Network, JSON card and extra arrays of a bundle, after checking its integrity and compatibility."""
-    folder, card = read_card(path)
+def _check_weights(folder: Path, card: dict[str, Any]) -> Path:
+    """The weights file, after checking its size and SHA-256 against the card."""
     weights = folder / card["weights"].get("file", WEIGHTS)
     if not weights.is_file():
         raise _fail(folder, f"weights file {weights.name} is missing", "Copy the whole bundle folder.")
@@ -102,6 +136,13 @@ def load(path: PathLike, device: str | torch.device = "cpu") -> tuple[ClusterNet
     if sha256_file(weights) != card["weights"].get("sha256"):
         raise _fail(folder, "weights do not match the SHA-256 in model.json (modified or damaged)",
                     "Use the original bundle, or retrain.")
+    return weights
+
+
+def load(path: PathLike, device: str | torch.device = "cpu") -> tuple[ClusterNet, dict[str, Any], dict[str, np.ndarray]]:
+    """Network, JSON card and extra arrays of a bundle, after checking its integrity and compatibility."""
+    folder, card = read_card(path)
+    weights = _check_weights(folder, card)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -126,3 +167,11 @@ def load(path: PathLike, device: str | torch.device = "cpu") -> tuple[ClusterNet
                     "The JSON and the weights come from different models; use a matching pair.")
     extras = {k[6:]: v.numpy() for k, v in tensors.items() if k.startswith("extra.")}
     return net.to(device).eval(), card, extras
+
+
+if __name__ == "__main__":
+    try:
+        for argument in sys.argv[1:]:
+            print(f"sealed {reseal(argument)}")
+    except CLAMError as exc:
+        sys.exit(f"error: {exc}")

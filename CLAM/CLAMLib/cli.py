@@ -423,7 +423,7 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
     import numpy as np
     from tqdm.auto import tqdm
 
-    from .batch import gridded_scan
+    from .batch import gridded_scan, warnings_of
     from .paths import output_path
     from .preprocess import Preprocessor
 
@@ -438,7 +438,8 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
         """A scan's report row and, when it is usable, the scan on its model grid."""
         try:
             qc = output_path(qc_dir, f"{scan.id}.png") if qc_dir is not None else None
-            grid, volume = gridded_scan(scan, preprocessor, qc, cache)
+            with warnings_of(scan):
+                grid, volume = gridded_scan(scan, preprocessor, qc, cache)
         except CLAMError as exc:
             return {"id": scan.id, "status": "failed", "reason": skip(scan, exc)}, None
         return {"id": scan.id, "status": "ok", "lung_volume_l": round(volume, 3), "reason": ""}, grid

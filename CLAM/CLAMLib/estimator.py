@@ -49,6 +49,7 @@ class CLAMModel:
         self.summary_: Optional[TrainSummary] = None
         self.cohort_mean_: Optional[np.ndarray] = None
         self.card_: dict[str, Any] = {}
+        self.bundle_sha256_: Optional[str] = None
 
     # -- fitting -------------------------------------------------------------------------------------------
 
@@ -201,6 +202,7 @@ class CLAMModel:
         training = card.get("training") or {}
         model.summary_ = TrainSummary(**training) if training else None
         model.card_ = card.get("card", {})
+        model.bundle_sha256_ = _bundle.card_hash(card)
         return model
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import re
 import shutil
+import struct
+import sys
 import tempfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +23,10 @@ from .errors import InputError
 
 MIN_AXIS = 16
 """Smallest number of voxels along an axis that the network's field accepts."""
+SPACING_MM = (0.2, 10.0)
+"""Voxel spacing (mm) along each axis that a chest CT may have; a scan outside it is refused."""
+LUNG_VOLUME_L = (0.5, 12.0)
+"""Lung volume (litres) that a chest CT's lung mask may measure; a scan outside it is refused."""
 
 _FORMATS = "NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd), PNG or DICOM"
 _POSITION_TAG = "0020|0032"
@@ -33,8 +42,91 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     source = Path(path)
     if not source.exists():
         raise InputError(f"image not found: {source}; check the path (a file, or a folder of DICOM files)")
-    image = _read_series(source) if source.is_dir() else _read_file(source)
+    if source.is_file():
+        _check_stream(source)
+    failure = None
+    with _library_messages() as said:
+        try:
+            image = _read_series(source) if source.is_dir() else _read_file(source)
+        except InputError as err:
+            failure = err
+    if failure is not None:
+        raise InputError(f"{failure} (the reader said: {'; '.join(said)})" if said else str(failure)) from None
+    if said:
+        warnings.warn(f"reading {source}: {'; '.join(said)}", stacklevel=2)
     return _to_grey(image, source)
+
+
+@contextmanager
+def _library_messages() -> Iterator[list[str]]:
+    """Collect what ITK, GDCM and MetaIO print on stderr inside the block (filled in when the block ends)."""
+    said: list[str] = []
+    display = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sitk.ProcessObject.SetGlobalWarningDisplay(display)
+            sink.seek(0)
+            said.extend(_library_lines(sink.read().decode("utf-8", "replace")))
+
+
+def _library_lines(text: str) -> list[str]:
+    """The telling lines of a library's stderr output (no blank lines, no source file locations)."""
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    return [line for line in lines if line and not line.startswith(("WARNING: In ", "ERROR: In ", "Description:"))
+            ][:3] or ([] if not text.strip() else [" ".join(text.split())[:200]])
+
+
+def _check_stream(path: Path) -> None:
+    """Refuse a gzip file that ends early or fails its checksum, and NIfTI voxels that are NaN or infinite.
+
+    ITK reads a truncated .nii.gz with the missing slices as 0, and NaN or infinite NIfTI voxels as 0, so both are
+    checked on the file's own bytes, in one pass.
+    """
+    name = path.name.lower()
+    compressed, nifti = name.endswith(".gz"), name.endswith((".nii", ".nii.gz"))
+    if not (compressed or nifti):
+        return
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            dtype, offset = _nifti_float(f.read(544)) if nifti else (None, 0)
+            if dtype is not None:
+                f.seek(offset)
+            tail = b""
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                if dtype is None:
+                    continue
+                data = tail + chunk
+                usable = len(data) - len(data) % dtype.itemsize
+                tail = data[usable:]
+                if not np.isfinite(np.frombuffer(data[:usable], dtype)).all():
+                    raise InputError(f"image {path} holds NaN or infinite voxels (read as 0 by the NIfTI reader); "
+                                     f"replace them by finite Hounsfield units (e.g. -1000 HU, air) before using CLAM")
+    except (EOFError, OSError, zlib.error) as err:
+        raise InputError(f"cannot read image {path}: its compressed data ends early or is damaged ({err}); the file "
+                         f"is truncated or corrupt: copy or export it again") from None
+
+
+def _nifti_float(header: bytes) -> tuple[np.dtype | None, int]:
+    """The voxel type of a NIfTI-1 or NIfTI-2 header when it is floating point, and where the voxels start."""
+    for order in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            code, offset = struct.unpack(order + "h", header[70:72])[0], struct.unpack(order + "f", header[108:112])[0]
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            code, offset = struct.unpack(order + "h", header[12:14])[0], struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None, 0
+    kinds = {16: "f4", 64: "f8", 32: "f4", 1792: "f8"}  # float32, float64, complex64 and complex128 as pairs
+    return (np.dtype(order + kinds[code]), int(offset)) if code in kinds and offset >= 348 else (None, 0)
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
@@ -89,16 +181,23 @@ def check_image(image: sitk.Image, ndim: int) -> None:
         raise InputError(f"image is empty (size {_size_text(size)}); give an image with voxels")
     axes = size[:2] if image.GetDimension() == 3 and size[2] == 1 else size
     if len(axes) != ndim:
-        hint = (
-            "give a 3D volume (a DICOM series folder or a volume file, not a single slice)"
-            if ndim == 3
-            else "give a single 2D slice, or use a 3D model"
-        )
+        if len(axes) > 3:
+            hint = f"give one {ndim}D volume: this image holds several (e.g. a time series); export a single one"
+        elif ndim == 3:
+            hint = "give a 3D volume (a DICOM series folder or a volume file, not a single slice)"
+        else:
+            hint = "give a single 2D slice, or use a 3D model"
         raise InputError(f"image is {len(axes)}D (size {_size_text(size)}) but the model is {ndim}D; {hint}")
     if min(axes) < MIN_AXIS:
         raise InputError(
             f"image is too small (size {_size_text(size)}): every axis needs at least {MIN_AXIS} voxels "
             "for the network's field; give the whole chest scan, not a small crop"
+        )
+    spacing = image.GetSpacing()[: len(axes)]
+    if not all(SPACING_MM[0] <= s <= SPACING_MM[1] for s in spacing):
+        raise InputError(
+            f"voxel spacing {' x '.join(f'{s:.4g}' for s in spacing)} mm is outside {SPACING_MM[0]:g}-{SPACING_MM[1]:g} "
+            "mm, which no chest CT has; fix the spacing in the file's header (it may be in cm or m, or missing)"
         )
     values = sitk.GetArrayViewFromImage(image)
     low, high = float(values.min()), float(values.max())
@@ -138,15 +237,14 @@ def _read_series(folder: Path) -> sitk.Image:
             f"no DICOM series found in folder {folder}; point to a folder holding the DICOM files of one scan, "
             f"or to an image file ({_FORMATS})"
         )
-    files = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
-    chosen = max(series, key=lambda uid: len(files[uid]))
     if len(series) > 1:
-        warnings.warn(
-            f"folder {folder} holds {len(series)} DICOM series; reading the largest ({len(files[chosen])} files, "
-            f"series {chosen}); put one series per folder to choose another",
-            stacklevel=3,
+        sizes = sorted((len(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in series), reverse=True)
+        shown = ", ".join(map(str, sizes[:5])) + (", ..." if len(sizes) > 5 else "")
+        raise InputError(
+            f"folder {folder} holds {len(series)} DICOM series ({shown} files), not one scan; put the files of each "
+            f"series in a folder of its own"
         )
-    reader.SetFileNames(files[chosen])
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
         image = reader.Execute()
@@ -204,6 +302,10 @@ def _size_text(size: tuple[int, ...]) -> str:
 
 def _first_line(err: Exception) -> str:
     """The most telling line of a SimpleITK error message."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("Reason:")]
+    itk = [re.sub(r"^ITK ERROR: \w+\(0x[0-9a-fA-F]+\): ", "", line) for line in lines if line.startswith("ITK ERROR")]
+    if itk:
+        detail = lines[-1] if lines[-1].startswith("[") else ""
+        return f"{itk[-1].rstrip(':')}: {detail}" if detail else itk[-1]
     errors = [line for line in lines if "ERROR" in line or "Unable" in line or "error" in line]
     return (errors or lines or ["unknown error"])[-1]

@@ -17,12 +17,12 @@ TRAIN_ARGS = ["--k", "2", "--restarts", "2", "--grid", "16", "--epochs", "3", "-
 
 
 def write_phantoms(folder: Path, n_per_cluster: int = 4, seed: int = 0) -> list[Path]:
-    """Small phantom chest CTs (48 x 48 x 24 voxels over a 350 mm field) as NRRD files."""
+    """Small phantom chest CTs (48 x 48 x 30 voxels over a 350 mm field, 10 mm slices) as NRRD files."""
     from CLAMLib.imageio import write_image
     from CLAMLib.simulate import make_cohort
 
-    cohort = make_cohort("size", n_per_cluster=n_per_cluster, seed=seed, size=(48, 48, 24),
-                         spacing=(350 / 48, 350 / 48, 12.5))
+    cohort = make_cohort("size", n_per_cluster=n_per_cluster, seed=seed, size=(48, 48, 30),
+                         spacing=(350 / 48, 350 / 48, 10.0))
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in cohort.subjects:

@@ -289,3 +289,122 @@ def test_interrupted_training_prints_the_command_to_resume(cohort: dict, tmp_pat
     assert err.strip().splitlines()[-1] == (
         f"clam train: interrupted; the checkpoint in {out / 'checkpoint'} keeps the last finished epoch; to continue "
         f"run: clam {' '.join(args)} --resume")
+
+
+def write_series(folder: Path, slices: list[tuple[str, str, int]], source: Path) -> None:
+    """One DICOM file per (patient id, series uid, slice index) of `source`, all in `folder`."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src = sitk.ReadImage(str(source))
+    arr = sitk.GetArrayFromImage(src)
+    for n, (patient, uid, z) in enumerate(slices):
+        sl = sitk.GetImageFromArray(arr[z : z + 1].astype(np.int16))
+        sl.SetSpacing(src.GetSpacing())
+        pos = src.TransformIndexToPhysicalPoint((0, 0, z))
+        tags = {"0008|0060": "CT", "0010|0020": patient, "0020|000d": f"{uid}.1", "0020|000e": uid,
+                "0020|0013": str(z + 1), "0020|0032": "\\".join(f"{p:.3f}" for p in pos),
+                "0020|0037": "1\\0\\0\\0\\1\\0", "0028|1052": "0", "0028|1053": "1"}
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"f{n:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def write_broken_scans(folder: Path, source: Path) -> dict[str, str]:
+    """Scans that read but are no usable chest CT; returns id -> words their reason must hold."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.ReadImage(str(source))
+    sitk.WriteImage(image, str(folder / "whole.nii.gz"), True)
+    data = (folder / "whole.nii.gz").read_bytes()
+    (folder / "whole.nii.gz").unlink()
+    (folder / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+    for name, value in (("nan", np.nan), ("inf", np.inf), ("neginf", -np.inf)):
+        arr = sitk.GetArrayFromImage(image).astype(np.float32)
+        arr[10, 20, 20] = value
+        bad = sitk.GetImageFromArray(arr)
+        bad.CopyInformation(image)
+        sitk.WriteImage(bad, str(folder / f"{name}.nii.gz"), True)
+        sitk.WriteImage(bad, str(folder / f"{name}_plain.nii"))
+    for name, spacing in (("huge_voxels", (100.0, 100.0, 100.0)), ("tiny_voxels", (0.001, 0.001, 0.001))):
+        odd = sitk.Image(image)
+        odd.SetSpacing(spacing)
+        sitk.WriteImage(odd, str(folder / f"{name}.nrrd"), True)
+    small = sitk.Image(image)
+    small.SetSpacing([s / 5 for s in image.GetSpacing()])
+    sitk.WriteImage(small, str(folder / "small_lungs.nrrd"), True)
+    write_series(folder / "mixed_dicom", [(f"P{i % 54}", f"1.2.826.0.1.{i}", 12) for i in range(20)]
+                 + [("P0", "1.2.826.0.1.0", 13)], source)
+    return {"truncated": "compressed data ends early or is damaged", "nan": "NaN or infinite voxels",
+            "inf": "NaN or infinite voxels", "neginf": "NaN or infinite voxels", "nan_plain": "NaN or infinite",
+            "inf_plain": "NaN or infinite", "neginf_plain": "NaN or infinite",
+            "huge_voxels": "voxel spacing 100 x 100 x 100 mm is outside 0.2-10 mm",
+            "tiny_voxels": "voxel spacing 0.001 x 0.001 x 0.001 mm is outside 0.2-10 mm",
+            "small_lungs": "L, outside the 0.5-12 L of a chest CT's lungs",
+            "mixed_dicom": "holds 20 DICOM series (2, 1, 1, 1, 1, ... files), not one scan"}
+
+
+def test_broken_scans_are_refused_with_their_cause(cohort: dict, tmp_path: Path,
+                                                   capfd: pytest.CaptureFixture) -> None:
+    import csv
+
+    broken = write_broken_scans(tmp_path / "work" / "broken", cohort["good"][0])
+    good = cohort["good"][:2]
+    with Sandbox(tmp_path, [tmp_path / "work" / "broken", *good]) as box:
+        rc = main(["map", str(cohort["bundle"]), *map(str, good), str(tmp_path / "work" / "broken"),
+                   "--out", str(box.out), "--device", "cpu", "--quiet", "--no-qc"])
+    out, err = capfd.readouterr()
+    assert rc == 3, err
+    with open(box.out / "assignments.csv", newline="") as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(broken) | {p.stem for p in good}
+    for name, words in broken.items():
+        assert rows[name]["status"] == "failed" and words in rows[name]["reason"], rows[name]
+        assert f"clam map: {name} failed: " in err
+    assert all(rows[p.stem]["status"] == "ok" for p in good)
+    assert "Traceback" not in err and "WARNING: In " not in err and "MetaImage:" not in err and "GDCM" not in err
+
+
+def test_warnings_are_single_clam_lines_in_map_and_train(cohort: dict, tmp_path: Path,
+                                                        capfd: pytest.CaptureFixture) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder = tmp_path / "work" / "cohort"
+    shutil.copytree(cohort["root"] / "good", folder)
+    image = sitk.ReadImage(str(cohort["good"][0]))
+    dark = sitk.GetImageFromArray(np.minimum(sitk.GetArrayFromImage(image), -1))  # no voxel above 0 HU
+    dark.CopyInformation(image)
+    sitk.WriteImage(dark, str(folder / "dark.nrrd"))
+    with Sandbox(tmp_path, [folder]) as box:
+        rc_map = main(["map", str(cohort["bundle"]), str(folder), "--out", str(box.out / "maps"), "--device", "cpu",
+                       "--quiet", "--no-qc", "--clusters", "assigned"])
+        map_err = capfd.readouterr().err
+        rc_train = main(["train", str(folder), "--out", str(box.out / "bundle"), *TRAIN_ARGS])
+        train_err = capfd.readouterr().err
+    assert rc_map == 0 and rc_train == 0, map_err + train_err
+    for err, prefix in ((map_err, "clam: warning: dark: "), (train_err, "clam: warning: dark: ")):
+        lines = [line for line in err.splitlines() if "does not look like CT" in line]
+        assert len(lines) == 1 and lines[0].startswith(prefix + "intensities range from"), err
+        assert "CTRangeWarning" not in err and ".py:" not in err
+    assert "dark warning: intensities range" in (box.out / "maps" / "map.log").read_text()
+
+
+def test_a_4d_image_is_named_as_several_volumes(cohort: dict, tmp_path: Path) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+    from CLAMLib.errors import InputError
+    from CLAMLib.imageio import check_image
+
+    volumes = sitk.JoinSeries([sitk.ReadImage(str(cohort["good"][0]))] * 2)
+    with pytest.raises(InputError) as refused:
+        check_image(volumes, 3)
+    assert "image is 4D" in str(refused.value) and "holds several (e.g. a time series); export a single one" in str(
+        refused.value) and "single slice" not in str(refused.value)
+    assert np.prod(volumes.GetSize()) > 0

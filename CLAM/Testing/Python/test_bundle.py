@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from CLAMLib import BundleError, CLAMModel, load_bundle
-from CLAMLib.bundle import CARD, WEIGHTS
+from CLAMLib.bundle import CARD, SEAL, WEIGHTS, card_hash, reseal
 from CLAMLib.model import Architecture
 from CLAMLib.preprocess import PreprocessConfig
 from CLAMLib.simulate import make_cohort
@@ -33,6 +33,11 @@ def copy_bundle(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "copy"
     shutil.copytree(src, dst)
     return dst
+
+
+def sealed(b: Path, card: dict) -> None:
+    """Write an edited card with a matching seal, as a forger who knows the format would."""
+    (b / CARD).write_text(json.dumps({**card, SEAL: card_hash(card)}))
 
 
 def test_round_trip_keeps_predictions_and_maps(fitted) -> None:
@@ -112,7 +117,7 @@ def test_pickle_is_never_loaded(fitted, tmp_path) -> None:
     import hashlib
 
     card["weights"].update(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))
-    (b / CARD).write_text(json.dumps(card))
+    sealed(b, card)
     with pytest.raises(BundleError, match="cannot be read"):
         load_bundle(b)
 
@@ -121,7 +126,7 @@ def test_weights_that_do_not_match_the_json(fitted, tmp_path) -> None:
     b = copy_bundle(fitted[2], tmp_path)
     card = json.loads((b / CARD).read_text())
     card["architecture"]["embedding"] = 7
-    (b / CARD).write_text(json.dumps(card))
+    sealed(b, card)
     with pytest.raises(BundleError, match="do not fit the architecture"):
         load_bundle(b)
 
@@ -130,10 +135,47 @@ def test_centroids_that_do_not_match_the_weights(fitted, tmp_path) -> None:
     b = copy_bundle(fitted[2], tmp_path)
     card = json.loads((b / CARD).read_text())
     card["centroids"][0][0] += 1.0
-    (b / CARD).write_text(json.dumps(card))
+    sealed(b, card)
     with pytest.raises(BundleError, match="centroids"):
         load_bundle(b)
 
 
 def test_saving_leaves_no_temporary_files(fitted) -> None:
     assert sorted(p.name for p in fitted[2].iterdir()) == sorted([CARD, WEIGHTS])
+
+
+@pytest.mark.parametrize("edit", [
+    lambda card: card["preprocess"].update(scale=card["preprocess"]["scale"] * 2),
+    lambda card: card["preprocess"].update(closing_mm=6.0),
+    lambda card: card.update(k=3),
+    lambda card: card["card"].update(trained_on="something else"),
+])
+def test_any_edit_of_the_card_is_refused(fitted, tmp_path, edit) -> None:
+    b = copy_bundle(fitted[2], tmp_path)
+    card = json.loads((b / CARD).read_text())
+    edit(card)
+    (b / CARD).write_text(json.dumps(card, indent=2))
+    with pytest.raises(BundleError) as refused:
+        load_bundle(b)
+    message = str(refused.value)
+    assert "model.json was changed after the bundle was written" in message and "\n" not in message
+    assert "state_dict" not in message
+
+
+def test_older_format_is_read_with_a_warning_and_can_be_sealed(fitted, tmp_path) -> None:
+    b = copy_bundle(fitted[2], tmp_path)
+    card = json.loads((b / CARD).read_text())
+    del card[SEAL]
+    card["format_version"] = 1
+    (b / CARD).write_text(json.dumps(card, indent=2))
+    with pytest.warns(UserWarning, match=r"older format version 1.*seal it with: python -m CLAMLib.bundle"):
+        old = load_bundle(b)
+    reseal(b)
+    upgraded = json.loads((b / CARD).read_text())
+    assert upgraded["format_version"] == 2 and upgraded[SEAL] == card_hash(upgraded)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = load_bundle(b)
+    assert new.k == old.k and new.bundle_sha256_ == card_hash(upgraded)

@@ -103,15 +103,14 @@ def test_dicom_series_folder(tmp_path):
     assert single.GetSize()[:2] == (24, 20)
 
 
-def test_dicom_takes_largest_series_and_warns(tmp_path):
+def test_dicom_folder_of_two_series_is_refused(tmp_path):
     big, small = ct(shape=(6, 20, 24)), ct(shape=(3, 20, 24), seed=1)
     write_series(tmp_path / "mixed", big, "1.2.3.4.1")
     write_series(tmp_path / "mixed" / "..", small, "1.2.3.4.2")  # same folder, other file names below
     for path in tmp_path.glob("slice*.dcm"):
         os.replace(path, tmp_path / "mixed" / f"b{path.name}")
-    with pytest.warns(UserWarning, match="2 DICOM series"):
-        read = read_image(tmp_path / "mixed")
-    assert read.GetSize() == big.GetSize()
+    with pytest.raises(InputError, match=r"holds 2 DICOM series \(6, 3 files\), not one scan; put the files of each"):
+        read_image(tmp_path / "mixed")
 
 
 def test_dicom_missing_slice_is_refused(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 import traceback
 import warnings
@@ -38,7 +39,8 @@ from .cache import CachedScan, PreprocessCache
 from .cohort import Scan
 from .distributed import SINGLE, DistContext
 from .errors import CLAMError, InputError
-from .imageio import LUNG_VOLUME_L, atomic_path, check_image, read_image, write_image
+from .fingerprint import Fingerprint, content_hash, fingerprint, scan_files
+from .imageio import LUNG_VOLUME_L, atomic_path, check_image, read_image, remove_partial, write_image
 from .overlay import SCALE, native_map, write_map
 from .paths import output_path
 from .pictures import average_picture, reduced, scan_pictures
@@ -169,6 +171,7 @@ class CohortMapper:
         self.cache = cache
         self.bundle = None if bundle is None else Path(bundle).resolve()
         self.model_id = _model_id(model)
+        self.mapped = self.skipped = 0
         self.log_path = output_path(self.out, "map.log" if not self.dist.active else f"map-rank{self.dist.rank}.log")
 
     def folder(self, scan: Scan) -> Path:
@@ -176,14 +179,44 @@ class CohortMapper:
         return output_path(self.out, "scans", scan.id)
 
     def is_done(self, scan: Scan) -> bool:
-        """True when the scan was completed earlier with the same bundle and settings."""
+        """True when the scan was completed earlier with the same bundle and settings, from the same input."""
         marker = self.folder(scan) / DONE
         if not marker.is_file() or not (self.folder(scan) / "result.json").is_file():
             return False
         try:
-            return json.loads(marker.read_text()).get("model") == self.model_id + self._settings()
+            done = json.loads(marker.read_text())
         except (OSError, json.JSONDecodeError):
             return False
+        return done.get("model") == self.model_id + self._settings() and _same_input(scan.path, done.get("input"))
+
+    def other_models(self) -> list[str]:
+        """Ids of the scan folders under OUT/scans that a done marker says another model wrote."""
+        found = []
+        for marker in sorted(self.out.glob(f"scans/*/{DONE}")):
+            try:
+                model = str(json.loads(marker.read_text()).get("model", "")).split("|")[0]
+            except (OSError, json.JSONDecodeError, AttributeError):
+                continue
+            if model != self.model_id:
+                found.append(marker.parent.name)
+        return found
+
+    def _clear(self, redo: bool) -> None:
+        """Refuse (or, with redo, remove) another model's outputs; remove partial files of an interrupted run."""
+        others = self.other_models()
+        if others and not redo:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise InputError(f"{self.out} holds maps of another model ({len(others)} scans: {shown}); choose "
+                             f"another --out, or add --redo to remove them and map again with this model")
+        self.dist.barrier()  # every rank has looked before rank 0 removes anything
+        if self.dist.main:
+            for name in others:
+                shutil.rmtree(output_path(self.out, "scans", name))
+            if others:
+                for old in self.out.glob("clusters/average_cluster*"):
+                    old.unlink()
+            remove_partial(self.out)
+        self.dist.barrier()
 
     def _settings(self) -> str:
         return f"|{self.method}|{self.clusters}|{self.fmt}"
@@ -197,8 +230,10 @@ class CohortMapper:
         """Map one scan, writing its outputs (done marker last); a bad scan gives a failed result, not an error."""
         start = time.perf_counter()
         folder = self.folder(scan)
+        source = None
         with warnings_of(scan, self._log):
             try:
+                source = fingerprint(scan.path)
                 result = self._map(scan, folder)
             except (CLAMError, RuntimeError, OSError, ValueError, MemoryError) as exc:
                 result = ScanResult(scan.id, "failed", reason=_reason(exc), rank=self.dist.rank,
@@ -211,7 +246,7 @@ class CohortMapper:
         if result.status == "ok":
             with atomic_path(folder / DONE) as tmp:
                 Path(tmp).write_text(json.dumps({"model": self.model_id + self._settings(), "id": scan.id,
-                                                 "source": str(scan.path)}) + "\n")
+                                                 "source": str(scan.path), "input": source.to_dict()}) + "\n")
             self._log(f"{scan.id} done: cluster {result.cluster}, lung {result.lung_volume_l:.2f} L, "
                       f"{result.seconds:.1f} s, rank {self.dist.rank}")
         else:
@@ -226,6 +261,8 @@ class CohortMapper:
 
         model = self.model
         (folder / DONE).unlink(missing_ok=True)
+        for old in [*folder.glob("map_cluster*"), folder / "qc.png", folder / "grid_maps.safetensors"]:
+            old.unlink(missing_ok=True)  # of an earlier model, input or --format
         record: dict[str, Any] = {}
         anatomy: list[sitk.Image] = []  # the scan as read, binned, for its map picture
         grid, volume = gridded_scan(scan, model.preprocessor_, folder / "qc.png" if self.qc else None, self.cache,
@@ -260,7 +297,9 @@ class CohortMapper:
         for scan in scans:  # every scan's folder is checked before anything is written
             self.folder(scan)
         self.out.mkdir(parents=True, exist_ok=True)
+        self._clear(redo)
         mine = self.dist.shard(scans)
+        mapped = skipped = 0
         from tqdm.auto import tqdm
 
         with tqdm(total=len(mine), desc="mapping scans", disable=not (self.verbose and self.dist.main),
@@ -269,13 +308,17 @@ class CohortMapper:
                 if not redo and self.is_done(scan):
                     self._log(f"{scan.id} skipped: done earlier")
                     message = f"{scan.id}: done earlier"
+                    skipped += 1
                 else:
                     r = self.map_scan(scan)
+                    mapped += 1
                     message = f"{scan.id}: {r.status}"
                     bar.set_postfix_str(message)
                 bar.update()
                 if progress is not None:
                     progress(0.95 * (n + 1) / len(mine), "mapping", message)
+        counts = self.dist.unshard([(mapped, skipped)], self.dist.world)
+        self.mapped, self.skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)
         self.dist.barrier()
         results = [self._result(s) for s in scans]
         if self.dist.main:
@@ -333,6 +376,10 @@ class CohortMapper:
             if key in maps:
                 sums[r.cluster] = sums.get(r.cluster, 0) + maps[key].astype(np.float32)
                 counts[r.cluster] += 1
+        kept = {f"average_cluster{c}{suffix}" for c in sums for suffix in (".nrrd", ".png")}
+        for old in self.out.glob("clusters/average_cluster*"):
+            if old.name not in kept:
+                old.unlink()  # a cluster without scans this time
         for c, total in sorted(sums.items()):
             mean = (total / counts[c]).astype(np.float32)
             target = output_path(self.out, "clusters", f"average_cluster{c}.nrrd")
@@ -346,6 +393,19 @@ class CohortMapper:
             write_image(sitk.GetImageFromArray(np.asarray(base, dtype=np.float32)), target)
             written.append(target)
         return written
+
+
+def _same_input(path: Path, recorded: Any) -> bool:
+    """True when a scan's input is the one a done marker recorded: same size and time, or else the same content."""
+    try:
+        then = Fingerprint.from_dict(recorded)
+        stats = [f.stat() for f in scan_files(path)]
+        size, mtime = sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
+        if size != then.size:
+            return False
+        return mtime == then.mtime_ns or content_hash(path) == then.sha256
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
 
 
 def _model_id(model: Any) -> str:

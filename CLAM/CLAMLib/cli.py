@@ -360,6 +360,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .cohort import find_scans
     from .distributed import device_for, from_env, shutdown
     from .estimator import CLAMModel
+    from .imageio import remove_partial
     from .model import Architecture
     from .preprocess import PreprocessConfig
     from .qc import training_report
@@ -375,6 +376,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             if folder is not None:
                 _writable_folder(folder, option)
         resumed = _check_checkpoint(checkpoint, args.resume, args.restart)
+        if ctx.main:
+            for folder in {args.out, report_dir, checkpoint}:
+                if folder.is_dir():
+                    remove_partial(folder)
+        ctx.barrier()
         scans = find_scans(args.scans, exclude=args.exclude, outputs=[args.out, report_dir, checkpoint])
         quiet = args.quiet or args.progress_json or not ctx.main
         ndim = _cohort_ndim(scans)
@@ -524,8 +530,10 @@ def cmd_map(args: argparse.Namespace) -> int:
         if ctx.main:
             for r in failed:
                 print(f"clam map: {r.id} failed: {r.reason}", file=sys.stderr)
-            print(f"mapped {len(results) - len(failed)} of {len(results)} scans into {args.out} "
-                  f"(assignments.csv, scans/, clusters/, {mapper.log_path.name})", file=sys.stderr)
+            earlier = f", {mapper.skipped} done earlier were skipped" if mapper.skipped else ""
+            print(f"clam map: mapped {mapper.mapped} of {len(results)} scans now{earlier}; {len(results) - len(failed)} "
+                  f"ok, {len(failed)} failed; outputs in {args.out} (assignments.csv, scans/, clusters/, "
+                  f"{mapper.log_path.name})", file=sys.stderr)
         return 3 if failed else 0
     finally:
         shutdown(ctx)

@@ -168,6 +168,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def remove_partial(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that atomic_path leaves under `folder` when a process is killed mid-write."""
+    found = [p for p in Path(folder).rglob(".*.tmp") if p.is_dir()]
+    for tmp in found:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return found
+
+
 def check_image(image: sitk.Image, ndim: int) -> None:
     """Raise InputError for an image a `ndim`-D model cannot use; warn if it does not look like CT in HU."""
     if ndim not in (2, 3):

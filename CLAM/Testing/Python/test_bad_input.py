@@ -22,9 +22,14 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
     paths = write_phantoms(root / "good")
     model = CLAMModel(grid=16, train=TrainConfig(k=2, pretrain_epochs=2, finetune_epochs=1, batch_size=4,
                                                  device="cpu"), verbose=False)
-    model.fit([read_image(p) for p in paths])
+    images = [read_image(p) for p in paths]
+    model.fit(images)
     model.save(root / "bundle")
-    return {"root": root, "good": paths, "bundle": root / "bundle"}
+    other = CLAMModel(grid=16, train=TrainConfig(k=3, pretrain_epochs=1, finetune_epochs=1, batch_size=4, seed=1,
+                                                 device="cpu"), verbose=False)
+    other.fit(images)
+    other.save(root / "other")
+    return {"root": root, "good": paths, "bundle": root / "bundle", "other": root / "other"}
 
 
 def listing(folder: Path) -> set[str]:
@@ -408,3 +413,73 @@ def test_a_4d_image_is_named_as_several_volumes(cohort: dict, tmp_path: Path) ->
     assert "image is 4D" in str(refused.value) and "holds several (e.g. a time series); export a single one" in str(
         refused.value) and "single slice" not in str(refused.value)
     assert np.prod(volumes.GetSize()) > 0
+
+
+def map_args(bundle: Path, scans: list[Path], out: Path, *extra: str) -> list[str]:
+    """A quick `clam map` command line."""
+    return ["map", str(bundle), *map(str, scans), "--out", str(out), "--device", "cpu", "--quiet", "--no-qc", *extra]
+
+
+def test_changed_input_is_mapped_again(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    folder = tmp_path / "work" / "in"
+    folder.mkdir(parents=True)
+    scans = [folder / p.name for p in cohort["good"][:2]]
+    for src, dst in zip(cohort["good"], scans):
+        shutil.copy(src, dst)
+    out = tmp_path / "work" / "out"
+    assert main(map_args(cohort["bundle"], scans, out)) == 0
+    first = json.loads((out / "scans" / scans[0].stem / ".done").read_text())["input"]
+    capsys.readouterr()
+    os.utime(scans[1], ns=(1, 1))  # touched only: same content, still done
+    shutil.copy(cohort["good"][5], scans[0])  # new content under the old name
+    assert main(map_args(cohort["bundle"], scans, out)) == 0
+    assert "clam map: mapped 1 of 2 scans now, 1 done earlier were skipped; 2 ok, 0 failed" in capsys.readouterr().err
+    again = json.loads((out / "scans" / scans[0].stem / ".done").read_text())["input"]
+    assert again["sha256"] != first["sha256"] and again["sha256"] == hashlib.sha256(scans[0].read_bytes()).hexdigest()
+    log = (out / "map.log").read_text()
+    assert f"{scans[1].stem} skipped: done earlier" in log and f"{scans[0].stem} skipped" not in log
+
+
+def test_a_rerun_that_skips_everything_says_so(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    scans, out = cohort["good"][:2], tmp_path / "out"
+    assert main(map_args(cohort["bundle"], scans, out)) == 0
+    assert "clam map: mapped 2 of 2 scans now; 2 ok, 0 failed" in capsys.readouterr().err
+    assert main(map_args(cohort["bundle"], scans, out)) == 0
+    assert "clam map: mapped 0 of 2 scans now, 2 done earlier were skipped; 2 ok" in capsys.readouterr().err
+
+
+def test_another_models_outputs_are_refused_or_replaced(cohort: dict, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    scans = cohort["good"][:3]
+    with Sandbox(tmp_path, [*cohort["good"], cohort["bundle"], cohort["other"]]) as box:
+        assert main(map_args(cohort["other"], scans, box.out)) == 0  # k = 3
+        capsys.readouterr()
+        assert main(map_args(cohort["bundle"], scans[:2], box.out)) == 2
+        line = one_error(capsys.readouterr().err, "map")
+        assert "holds maps of another model (3 scans: " in line and "add --redo to remove them" in line
+        assert main(map_args(cohort["bundle"], scans[:2], box.out, "--redo")) == 0
+    assert sorted(p.name for p in (box.out / "scans").iterdir()) == sorted(p.stem for p in scans[:2])
+    models = {json.loads(m.read_text())["model"] for m in box.out.glob("scans/*/.done")}
+    assert len(models) == 1
+    assert not list(box.out.glob("scans/*/map_cluster2.nrrd"))  # k = 2 now
+    assert {p.name for p in (box.out / "clusters").iterdir()} <= {f"average_cluster{c}.{x}" for c in (0, 1)
+                                                                for x in ("nrrd", "png")}
+
+
+def test_partial_files_of_a_killed_run_are_removed(cohort: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    partial = out / "scans" / cohort["good"][0].stem / ".map_cluster0.nrrd.x1y2.tmp"
+    partial.mkdir(parents=True)
+    (partial / "map_cluster0.nrrd").write_bytes(b"NRRD0004\n")
+    assert main(map_args(cohort["bundle"], cohort["good"][:1], out)) == 0
+    assert not partial.exists() and not list(out.rglob("*.tmp"))
+    bundle = tmp_path / "bundle"
+    stale = bundle / ".model.safetensors.a1b2.tmp"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    assert main(["train", str(cohort["root"] / "good"), "--out", str(bundle), *TRAIN_ARGS]) == 0
+    assert not stale.exists() and not list(bundle.rglob("*.tmp"))

@@ -311,7 +311,8 @@ def _size_text(size: tuple[int, ...]) -> str:
 def _first_line(err: Exception) -> str:
     """The most telling line of a SimpleITK error message."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("Reason:")]
-    itk = [re.sub(r"^ITK ERROR: \w+\(0x[0-9a-fA-F]+\): ", "", line) for line in lines if line.startswith("ITK ERROR")]
+    prefix = re.compile(r"^(ITK ERROR|itk::ERROR|sitk::ERROR): (\w+\(0x[0-9a-fA-F]+\): )?")
+    itk = [prefix.sub("", line) for line in lines if prefix.match(line)]
     if itk:
         detail = lines[-1] if lines[-1].startswith("[") else ""
         return f"{itk[-1].rstrip(':')}: {detail}" if detail else itk[-1]

@@ -12,7 +12,7 @@ from CLAMLib.cli import main
 from CLAMLib.estimator import CLAMModel
 from CLAMLib.imageio import read_image
 from CLAMLib.train import EXIT_AFTER_BATCHES_ENV, EXIT_CODE, TrainConfig
-from cohort_data import TRAIN_ARGS, run_clam, write_phantoms
+from cohort_data import TRAIN_ARGS, run_clam, write_broken_scans, write_phantoms
 
 
 @pytest.fixture(scope="module")
@@ -294,65 +294,6 @@ def test_interrupted_training_prints_the_command_to_resume(cohort: dict, tmp_pat
     assert err.strip().splitlines()[-1] == (
         f"clam train: interrupted; the checkpoint in {out / 'checkpoint'} keeps the last finished epoch; to continue "
         f"run: clam {' '.join(args)} --resume")
-
-
-def write_series(folder: Path, slices: list[tuple[str, str, int]], source: Path) -> None:
-    """One DICOM file per (patient id, series uid, slice index) of `source`, all in `folder`."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    folder.mkdir(parents=True, exist_ok=True)
-    src = sitk.ReadImage(str(source))
-    arr = sitk.GetArrayFromImage(src)
-    for n, (patient, uid, z) in enumerate(slices):
-        sl = sitk.GetImageFromArray(arr[z : z + 1].astype(np.int16))
-        sl.SetSpacing(src.GetSpacing())
-        pos = src.TransformIndexToPhysicalPoint((0, 0, z))
-        tags = {"0008|0060": "CT", "0010|0020": patient, "0020|000d": f"{uid}.1", "0020|000e": uid,
-                "0020|0013": str(z + 1), "0020|0032": "\\".join(f"{p:.3f}" for p in pos),
-                "0020|0037": "1\\0\\0\\0\\1\\0", "0028|1052": "0", "0028|1053": "1"}
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(folder / f"f{n:03d}.dcm"))
-        writer.Execute(sl)
-
-
-def write_broken_scans(folder: Path, source: Path) -> dict[str, str]:
-    """Scans that read but are no usable chest CT; returns id -> words their reason must hold."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    folder.mkdir(parents=True, exist_ok=True)
-    image = sitk.ReadImage(str(source))
-    sitk.WriteImage(image, str(folder / "whole.nii.gz"), True)
-    data = (folder / "whole.nii.gz").read_bytes()
-    (folder / "whole.nii.gz").unlink()
-    (folder / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
-    for name, value in (("nan", np.nan), ("inf", np.inf), ("neginf", -np.inf)):
-        arr = sitk.GetArrayFromImage(image).astype(np.float32)
-        arr[10, 20, 20] = value
-        bad = sitk.GetImageFromArray(arr)
-        bad.CopyInformation(image)
-        sitk.WriteImage(bad, str(folder / f"{name}.nii.gz"), True)
-        sitk.WriteImage(bad, str(folder / f"{name}_plain.nii"))
-    for name, spacing in (("huge_voxels", (100.0, 100.0, 100.0)), ("tiny_voxels", (0.001, 0.001, 0.001))):
-        odd = sitk.Image(image)
-        odd.SetSpacing(spacing)
-        sitk.WriteImage(odd, str(folder / f"{name}.nrrd"), True)
-    small = sitk.Image(image)
-    small.SetSpacing([s / 5 for s in image.GetSpacing()])
-    sitk.WriteImage(small, str(folder / "small_lungs.nrrd"), True)
-    write_series(folder / "mixed_dicom", [(f"P{i % 54}", f"1.2.826.0.1.{i}", 12) for i in range(20)]
-                 + [("P0", "1.2.826.0.1.0", 13)], source)
-    return {"truncated": "compressed data ends early or is damaged", "nan": "NaN or infinite voxels",
-            "inf": "NaN or infinite voxels", "neginf": "NaN or infinite voxels", "nan_plain": "NaN or infinite",
-            "inf_plain": "NaN or infinite", "neginf_plain": "NaN or infinite",
-            "huge_voxels": "voxel spacing 100 x 100 x 100 mm is outside 0.2-10 mm",
-            "tiny_voxels": "voxel spacing 0.001 x 0.001 x 0.001 mm is outside 0.2-10 mm",
-            "small_lungs": "L, outside the 0.5-12 L of a chest CT's lungs",
-            "mixed_dicom": "holds 20 DICOM series (2, 1, 1, 1, 1, ... files), not one scan"}
 
 
 def test_broken_scans_are_refused_with_their_cause(cohort: dict, tmp_path: Path,

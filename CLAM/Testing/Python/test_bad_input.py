@@ -193,6 +193,26 @@ def test_out_below_a_file_is_one_line(cohort: dict, tmp_path: Path, capsys: pyte
     assert f"cannot write into --out {blocker / 'out'} (Not a directory); choose a folder you can write to" in line
 
 
+@pytest.mark.parametrize("command", ["map", "train"])
+def test_unwritable_out_is_one_line(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                    monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    import tempfile
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    out = tmp_path / "work" / "locked"
+    out.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)  # what a read-only folder does to a user who is not root
+    with Sandbox(tmp_path, cohort["good"]):
+        lead = [str(cohort["bundle"])] if command == "map" else []
+        rc = main([command, *lead, str(cohort["root"] / "good"), "--out", str(out), "--device", "cpu"])
+    assert rc == 2
+    line = one_error(capsys.readouterr().err, command)
+    assert f"cannot write into --out {out} (Permission denied); choose a folder you can write to" in line
+    assert not list(out.iterdir())
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
 def test_read_only_out_is_one_line(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "work" / "locked"

@@ -210,11 +210,8 @@ class CohortMapper:
                              f"another --out, or add --redo to remove them and map again with this model")
         self.dist.barrier()  # every rank has looked before rank 0 removes anything
         if self.dist.main:
-            for name in others:
+            for name in others:  # their cluster averages go when this run writes its own
                 shutil.rmtree(output_path(self.out, "scans", name))
-            if others:
-                for old in self.out.glob("clusters/average_cluster*"):
-                    old.unlink()
             remove_partial(self.out)
         self.dist.barrier()
 

@@ -486,7 +486,9 @@ def test_training_from_scene_volumes_runs_clam_train(viewer, tmp_path, monkeypat
         if n % 2:
             array[10:20, 25:35, 45:55] = 40
         array = (array + rng.normal(0, 5, array.shape)).astype(np.int16)
-        nodes.append(slicer.util.addVolumeFromArray(array, rs.oblique_ijk_to_ras(), name=f"scan {n}"))
+        # voxels of a whole chest (lungs of about 2.8 L): clam train refuses lungs outside 0.5-12 L
+        nodes.append(slicer.util.addVolumeFromArray(array, rs.oblique_ijk_to_ras(spacing=(3.0, 3.0, 8.0)),
+                                                    name=f"scan {n}"))
     inputs = CLAMMRML.export_volumes(nodes, tmp_path / "export")
     process = clam.CLAMLogic().startTraining(inputs, 2, tmp_path / "bundle",
                                              extra=["--grid", "16", "--epochs", "2", "--finetune-epochs", "1"])

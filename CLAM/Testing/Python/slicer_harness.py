@@ -579,7 +579,8 @@ def small_ct(name: str, lesion: bool = False, seed: int = 0) -> Any:
     if lesion:
         array[10:15, 15:22, 24:31] = 30
     array += np.random.default_rng(seed).normal(0, 5, array.shape)
-    return slicer.util.addVolumeFromArray(array.astype(np.int16), np.diag([1.5, 1.5, 3.0, 1.0]), name=name)
+    # voxels of a whole chest (lungs of about 1.2 L): clam train refuses lungs outside 0.5-12 L
+    return slicer.util.addVolumeFromArray(array.astype(np.int16), np.diag([4.0, 4.0, 9.0, 1.0]), name=name)
 
 
 def stock_slicer_run(workdir: str) -> None:

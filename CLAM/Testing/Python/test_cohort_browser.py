@@ -40,12 +40,13 @@ from test_slicer_mrml import (
 N_SCANS = 6
 CLUSTERS = [0, 1, 0, 1, 1, 0]
 Q0 = [0.9, 0.2, 0.55, 0.45, 0.1, 0.7]  # scans 2 and 3 are uncertain (highest q below 0.6)
+CHEST_SPACING = (3.0, 3.0, 8.0)  # mm: the phantom's lungs measure about 2.8 L
 
 
-def ct_image(seed: int) -> sitk.Image:
+def ct_image(seed: int, spacing: tuple[float, float, float] | None = None) -> sitk.Image:
     """The phantom CT (oblique, anisotropic geometry) as a SimpleITK image in LPS, with a little noise."""
     array = rs.phantom_ct() + np.random.default_rng(seed).integers(-5, 5, rs.SHAPE_KJI).astype(np.int16)
-    matrix = rs.oblique_ijk_to_ras()
+    matrix = rs.oblique_ijk_to_ras() if spacing is None else rs.oblique_ijk_to_ras(spacing=spacing)
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
     lps = np.diag([-1.0, -1.0, 1.0])
     image = sitk.GetImageFromArray(array.astype(np.int16))
@@ -238,7 +239,8 @@ def test_console_workflow_maps_in_the_background_then_browses(viewer, tiny_bundl
     clam = _import_clam_module_with_stubs(monkeypatch)
     for n in range(3):
         (tmp_path / "scans").mkdir(exist_ok=True)
-        sitk.WriteImage(ct_image(n), str(tmp_path / "scans" / f"scan{n}.nrrd"))
+        # voxels of a whole chest (lungs of about 2.8 L): clam map refuses lungs outside 0.5-12 L
+        sitk.WriteImage(ct_image(n, CHEST_SPACING), str(tmp_path / "scans" / f"scan{n}.nrrd"))
     logic = clam.CLAMLogic()
     process = logic.startMapping(tiny_bundle, [str(tmp_path / "scans")], tmp_path / "maps", device="CPU")
     lines, code = _wait(process, lambda lines, code: code is not None, timeout=300)
@@ -247,7 +249,8 @@ def test_console_workflow_maps_in_the_background_then_browses(viewer, tiny_bundl
     table = logic.openCohort(tmp_path / "maps")
     assert [row.id for row in table.rows] == ["scan0", "scan1", "scan2"]
     shown = logic.showScan("scan0")
-    assert np.array_equal(slicer.util.arrayFromVolume(shown.ctNode), sitk.GetArrayFromImage(ct_image(0)))
+    assert np.array_equal(slicer.util.arrayFromVolume(shown.ctNode),
+                          sitk.GetArrayFromImage(ct_image(0, CHEST_SPACING)))
     values = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "maps" / "scans" / "scan0" /
                                                        f"map_cluster{shown.cluster}.nrrd")))
     k, j, i = np.unravel_index(int(np.argmax(values)), values.shape)

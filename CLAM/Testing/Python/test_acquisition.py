@@ -81,4 +81,4 @@ def test_the_preprocessing_cache_keeps_each_scans_record(tmp_path: Path, monkeyp
     batch.gridded_scan(scan, Preprocessor(PreprocessConfig(grid=16)), None, cache, first)
     monkeypatch.setattr(batch, "checked_scan", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read again")))
     batch.gridded_scan(scan, Preprocessor(PreprocessConfig(grid=16)), None, cache, second)
-    assert second == first and first["slices"] == 24 and first["mean_lung_hu"] < -500 and cache.hits == 1
+    assert second == first and first["slices"] == 30 and first["mean_lung_hu"] < -500 and cache.hits == 1

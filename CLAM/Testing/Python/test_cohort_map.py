@@ -79,7 +79,7 @@ def test_map_cohort_reports_bad_scans_and_writes_everything(cohort: dict, tmp_pa
     assert not list(out.rglob("*.tmp"))  # atomic writes leave nothing behind
     record = json.loads((out / "scans" / cohort["good"][0].stem / "result.json").read_text())
     assert record["source"] == str(cohort["good"][0].absolute())
-    assert record["acquisition"]["dicom"] is False and record["acquisition"]["slices"] == 24
+    assert record["acquisition"]["dicom"] is False and record["acquisition"]["slices"] == 30
     assert -1000 < record["acquisition"]["mean_lung_hu"] < -500 and record["acquisition"]["body_area_cm2"] > 100
 
     clinical = tmp_path / "clinical.csv"

@@ -478,6 +478,8 @@ class Harness:
             scene.AddNode(composite)
         import importlib.util
 
+        # CLAM.py's panel modules bind qt at import: import them afresh against these stubs, whatever ran before
+        sys.modules.pop("CLAMCohortPanel", None)
         spec = importlib.util.spec_from_file_location("CLAM", MODULE_DIR / "CLAM.py")
         clam = importlib.util.module_from_spec(spec)
         self.patch.setitem(sys.modules, "CLAM", clam)

@@ -443,6 +443,7 @@ def _import_clam_module_with_stubs(monkeypatch):
            ScriptedLoadableModuleWidget=Base, ScriptedLoadableModuleTest=Base)
     module("slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls,
            Choice=lambda *a: None, WithinRange=lambda *a: None)
+    monkeypatch.delitem(sys.modules, "CLAMCohortPanel", raising=False)  # imported afresh against these stubs
     spec = importlib.util.spec_from_file_location("CLAM_headless", Path(rs.MODULE_DIR, "CLAM.py"))
     clam = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(clam)

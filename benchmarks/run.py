@@ -434,6 +434,7 @@ def make_bundle(ct_path: Path, path: Path) -> str:
     import SimpleITK as sitk
     from CLAMLib.estimator import CLAMModel
     from CLAMLib.preprocess import PreprocessConfig, Preprocessor
+    from CLAMLib.train import as_batch
 
     image = sitk.ReadImage(str(ct_path))
     model = CLAMModel(k=E2E_K, grid=E2E_GRID, verbose=False)
@@ -442,7 +443,7 @@ def make_bundle(ct_path: Path, path: Path) -> str:
     torch.manual_seed(0)
     net = ClusterNet(model.architecture, E2E_K).eval()
     with torch.no_grad():
-        z = net.encoder(torch.from_numpy(prepared.array)[None, None])
+        z = net.encoder(as_batch(prepared.array[None], model.architecture))
         net.head.center.copy_(z[0])
         net.head.centroids.normal_(0, 1)
     model.net_, model.cohort_mean_ = net, prepared.array

@@ -13,7 +13,7 @@ Layout of the output folder:
     scans/<id>/grid_maps.safetensors maps on the model grid (for the cluster averages)
     scans/<id>/.done                 written last: the scan is complete for this bundle
     clusters/average_cluster{c}.nrrd|.png  mean map of cluster c over the scans assigned to it (model grid)
-    clusters/cohort_mean.nrrd        the model's cohort mean image (model grid), for showing the averages over
+    clusters/cohort_mean.nrrd        the model's cohort mean image (model grid; findings channels summed), under the averages
 """
 
 from __future__ import annotations
@@ -377,18 +377,20 @@ class CohortMapper:
         for old in self.out.glob("clusters/average_cluster*"):
             if old.name not in kept:
                 old.unlink()  # a cluster without scans this time
+        base = getattr(self.model, "cohort_mean_", None)
+        if base is not None:
+            base = np.asarray(base, dtype=np.float32)
+            if base.ndim == self.model.preprocessor_.config.ndim + 1:  # findings channels: shown summed
+                base = base.sum(0)
         for c, total in sorted(sums.items()):
             mean = (total / counts[c]).astype(np.float32)
             target = output_path(self.out, "clusters", f"average_cluster{c}.nrrd")
             write_image(sitk.GetImageFromArray(mean), target)
-            base = getattr(self.model, "cohort_mean_", None)
             average_picture(mean, target.with_suffix(".png"), f"cluster {c}: mean map over {counts[c]} scans", base)
             written.append(target)
-        base = getattr(self.model, "cohort_mean_", None)
         if base is not None and written:
             target = output_path(self.out, "clusters", "cohort_mean.nrrd")
-            write_image(sitk.GetImageFromArray(np.asarray(base, dtype=np.float32)), target)
-            written.append(target)
+            write_image(sitk.GetImageFromArray(base), target)
         return written
 
 

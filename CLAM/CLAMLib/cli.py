@@ -22,8 +22,9 @@ RESTARTS = 1
 """Autoencoder restarts of `clam demo` and `clam train`, as TrainConfig.restarts."""
 LUNG_CLOSING = 20.0
 """Radius (mm) of the lung mask's closing in `clam demo` and `clam train`, as PreprocessConfig.closing_mm."""
-DEMO_SMOOTH = 1.5
-"""Input smoothing of `clam demo` (Architecture.smooth, model-grid voxels)."""
+SMOOTH_HELP = ("sigma, in model-grid voxels, of a fixed Gaussian in front of the encoder, so that findings a few "
+               "voxels apart between scans of a cluster still count as alike; maps stay on the unsmoothed input "
+               "(default: grid / 16, e.g. 4 at grid 64; 0 is off, as in the paper)")
 
 DESCRIPTION = """\
 CLAM clusters chest CT scans with a deep convolutional autoencoder (DCEC) and shows which image
@@ -120,6 +121,20 @@ def _cache(args: argparse.Namespace):
     return PreprocessCache(None if args.no_cache else (args.cache or output_path(args.out, "cache")))
 
 
+def _add_representation(p: argparse.ArgumentParser) -> None:
+    """--representation and --vessel-mm."""
+    from .findings import VESSEL_MM
+
+    p.add_argument("--representation", choices=["findings", "ct"], default="findings",
+                   help="what the model sees: 'findings' (default), three channels of how far each lung voxel departs "
+                        "from the scan's own normal parenchyma (low attenuation, ground glass, solid), with vessels "
+                        "removed, so that clusters follow findings rather than people; 'ct', the clipped CT itself "
+                        "(the paper's input)")
+    p.add_argument("--vessel-mm", type=_not_negative, default=VESSEL_MM, metavar="MM",
+                   help=f"findings: radius in mm of the ball whose grey opening removes vessels (default: "
+                        f"{VESSEL_MM:g}; findings narrower than about twice this are removed too)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `clam`."""
     parser = argparse.ArgumentParser(prog="clam", description=DESCRIPTION,
@@ -146,10 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--grid", type=_grid, default=32, help="model grid side in voxels, a multiple of 8 "
                                                             "(default: 32 for speed; the paper used 88)")
     demo.add_argument("--epochs", type=_whole(1), default=None, help="autoencoder pretraining epochs (default: 60)")
-    demo.add_argument("--smooth", type=_not_negative, default=DEMO_SMOOTH,
-                      help=f"sigma, in model-grid voxels, of a fixed Gaussian in front of the encoder, so that a "
-                           f"lesion a voxel or two from its cluster's usual site still counts as there; maps stay "
-                           f"on the unsmoothed input (default: {DEMO_SMOOTH:g}; 0 is off)")
+    demo.add_argument("--smooth", type=_not_negative, default=None, help=SMOOTH_HELP)
     demo.add_argument("--restarts", type=_whole(1), default=RESTARTS,
                       help=f"autoencoders pretrained from successive seeds; the one whose k-means clusters separate "
                            f"best (silhouette) is fine-tuned (default: {RESTARTS})")
@@ -164,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mask of the base CT's own lesion (non-zero inside, on the base's grid): its voxels "
                            "become the base's aerated-lung median, so that no subject shares the base's tumour")
     _add_lung_closing(demo)
+    _add_representation(demo)
     demo.add_argument("--register", choices=["none", "affine", "bspline"], default="none",
                       help="register every subject's lungs to the cohort's lung template before clustering "
                            "(default: none)")
@@ -190,11 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--register", choices=["none", "affine", "bspline"], default="none",
                        help="register scans to a template built from the cohort (default: none)")
     _add_lung_closing(train)
+    _add_representation(train)
     train.add_argument("--epochs", type=_whole(1), default=60, help="autoencoder pretraining epochs (default: 60)")
-    train.add_argument("--smooth", type=_not_negative, default=0.0,
-                       help="sigma, in model-grid voxels, of a fixed Gaussian in front of the encoder; tolerates "
-                            "lesions that lie a voxel or two apart between scans of a cluster (default: 0, off, as "
-                            f"in the paper; clam demo uses {DEMO_SMOOTH:g})")
+    train.add_argument("--smooth", type=_not_negative, default=None, help=SMOOTH_HELP)
     train.add_argument("--restarts", type=_whole(1), default=RESTARTS,
                        help=f"autoencoders pretrained from successive seeds; the one whose k-means clusters separate "
                             f"best (silhouette) is fine-tuned (default: {RESTARTS}; each adds one pretraining)")
@@ -358,10 +369,11 @@ def _check_checkpoint(folder: Path, resume: bool, restart: bool) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """Fit and save a bundle (under torchrun: each rank preprocesses its share of the scans, all train, rank 0 writes)."""
     from .cohort import find_scans
+    from .diagnostics import assess
     from .distributed import device_for, from_env, shutdown
     from .estimator import CLAMModel
     from .imageio import remove_partial
-    from .model import Architecture
+    from .model import Architecture, default_smooth
     from .preprocess import PreprocessConfig
     from .qc import training_report
     from .train import TrainConfig, resolve_device
@@ -384,7 +396,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         scans = find_scans(args.scans, exclude=args.exclude, outputs=[args.out, report_dir, checkpoint])
         quiet = args.quiet or args.progress_json or not ctx.main
         ndim = _cohort_ndim(scans)
-        config = PreprocessConfig(grid=args.grid, ndim=ndim, register=args.register, closing_mm=args.lung_closing)
+        config = PreprocessConfig(grid=args.grid, ndim=ndim, register=args.register, closing_mm=args.lung_closing,
+                                  representation=args.representation, vessel_mm=args.vessel_mm)
         qc_dir = None if args.no_qc else report_dir / "qc"
         preprocessor, used, prepared, rows = _prepare_cohort(scans, config, qc_dir, ctx, quiet, _cache(args))
         if not prepared:
@@ -394,7 +407,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             train=TrainConfig(k=args.k, k_range=tuple(args.k_range), restarts=args.restarts,
                               pretrain_epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                               batch_size=args.batch_size, seed=args.seed, device=device),
-            architecture=Architecture(ndim=ndim, grid=args.grid, smooth=args.smooth), verbose=not quiet)
+            architecture=Architecture(ndim=ndim, grid=args.grid, in_channels=config.channels,
+                                      smooth=default_smooth(args.grid) if args.smooth is None else args.smooth),
+            verbose=not quiet)
         model.preprocessor_ = preprocessor
         progress = _progress_printer(args.progress_json) if ctx.main and not args.quiet else None
         if resumed and ctx.main:
@@ -404,7 +419,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                   trainer_options={"checkpoint": checkpoint, "resume": args.resume, "dist": ctx})
         if ctx.main:
             path = model.save(args.out)
-            training_report(model.summary_, report_dir, rows)
+            diagnosis = assess([r for r in rows if r["status"] == "ok"], model.summary_.labels, model.k)
+            training_report(model.summary_, report_dir, rows, diagnosis)
+            for warning in diagnosis["warnings"]:
+                print(f"clam: warning: {warning} (see {report_dir / 'report.md'})", file=sys.stderr)
             from .train import Checkpoint
 
             Checkpoint(checkpoint).remove()
@@ -444,11 +462,12 @@ def _prepare_cohort(scans: Sequence[Scan], config: PreprocessConfig, qc_dir: Opt
         """A scan's report row and, when it is usable, the scan on its model grid."""
         try:
             qc = output_path(qc_dir, f"{scan.id}.png") if qc_dir is not None else None
+            record: dict = {}  # acquisition and anatomy, for what the clusters follow
             with warnings_of(scan):
-                grid, volume = gridded_scan(scan, preprocessor, qc, cache)
+                grid, volume = gridded_scan(scan, preprocessor, qc, cache, record)
         except CLAMError as exc:
             return {"id": scan.id, "status": "failed", "reason": skip(scan, exc)}, None
-        return {"id": scan.id, "status": "ok", "lung_volume_l": round(volume, 3), "reason": ""}, grid
+        return {"id": scan.id, "status": "ok", "lung_volume_l": round(volume, 3), "reason": "", **record}, grid
 
     def finished(scan: Scan, grid: Gridded) -> tuple[Optional[Prepared], str]:
         """A gridded scan registered and normalised, or None and the reason it failed."""

@@ -20,10 +20,10 @@ from .estimator import CLAMModel
 from .explain import DEFAULT_METHOD, METHODS, ExplainContext, explain, normalise_map
 from .imageio import atomic_path, read_image, write_image
 from .metrics import clustering_scores, localisation_scores
-from .model import Architecture, ClusterNet
+from .model import Architecture, ClusterNet, default_smooth
 from .preprocess import Prepared, PreprocessConfig, Preprocessor
 from .simulate import Cohort, ScenarioParams, make_cohort
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, as_batch
 
 TRUE_K = 2
 MAP_METHODS = [DEFAULT_METHOD] + [m for m in METHODS if m != DEFAULT_METHOD]
@@ -58,9 +58,31 @@ def _cohort(scenario: str, args: argparse.Namespace, variation: float, seed: int
                        params=_scenario_params(scenario, args), base=base, base_lesion=lesion)
 
 
-def _prep(cohort: Cohort, grid: int, register: str, closing_mm: float) -> Prepped:
+def _preprocess_config(args: argparse.Namespace, register: str) -> PreprocessConfig:
+    """The demo's preprocessing settings."""
+    return PreprocessConfig(grid=args.grid, ndim=3, register=register, closing_mm=args.lung_closing,
+                            representation=args.representation, vessel_mm=args.vessel_mm)
+
+
+def _smooth(args: argparse.Namespace) -> float:
+    """Input smoothing asked for, or the default for the grid."""
+    return default_smooth(args.grid) if args.smooth is None else args.smooth
+
+
+def _arch(args: argparse.Namespace) -> Architecture:
+    """The demo's network architecture, with as many input channels as the representation gives."""
+    channels = _preprocess_config(args, "none").channels
+    return Architecture(ndim=3, grid=args.grid, in_channels=channels, smooth=_smooth(args))
+
+
+def _shown(arrays: np.ndarray) -> np.ndarray:
+    """What figures show of model inputs (N, *grid): the input, or its channels summed."""
+    return arrays.sum(1) if arrays.ndim == 5 else arrays
+
+
+def _prep(cohort: Cohort, args: argparse.Namespace, register: str) -> Prepped:
     images = [s.image for s in cohort.subjects]
-    pre = Preprocessor(PreprocessConfig(grid=grid, ndim=3, register=register, closing_mm=closing_mm))
+    pre = Preprocessor(_preprocess_config(args, register))
     prepared = pre.fit_transform(images)
     lesions = np.stack([pre.grid_mask(s.lesion, p) for s, p in zip(cohort.subjects, prepared)])
     return Prepped(cohort, pre, prepared, np.stack([p.array for p in prepared]), lesions,
@@ -74,11 +96,12 @@ def _config(args: argparse.Namespace, k: int) -> TrainConfig:
 
 def _maps(net: ClusterNet, data: Prepped, labels: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, float]:
     """Map of each subject's assigned cluster on the grid (N, *grid) and seconds per subject."""
-    x = torch.as_tensor(data.arrays)[:, None]
-    baseline = torch.as_tensor(data.arrays.mean(0))[None, None]
+    x = as_batch(data.arrays, net.arch)
+    baseline = as_batch(data.arrays.mean(0)[None], net.arch)
+    present_only = data.pre.config.representation == "findings"
     out, start = [], time.perf_counter()
     for i in range(len(x)):
-        ctx = ExplainContext(baseline=baseline, seed=seed + i)
+        ctx = ExplainContext(baseline=baseline, seed=seed + i, present_only=present_only)
         _, m = explain(net, x[i : i + 1], method, ctx)
         out.append(m[0, labels[i]])
     return np.stack(out), (time.perf_counter() - start) / len(x)
@@ -87,9 +110,8 @@ def _maps(net: ClusterNet, data: Prepped, labels: np.ndarray, method: str, seed:
 def _scenario(scenario: str, args: argparse.Namespace, ks: list[int], out: Path, bar: tqdm) -> dict[str, Any]:
     """Clustering and localisation rows for one scenario, plus its files."""
     bar.set_description(f"{scenario}: phantoms")
-    data = _prep(_cohort(scenario, args, args.anatomy_variation, args.seed), args.grid, args.register,
-                 args.lung_closing)
-    arch = Architecture(ndim=3, grid=args.grid, smooth=args.smooth)
+    data = _prep(_cohort(scenario, args, args.anatomy_variation, args.seed), args, args.register)
+    arch = _arch(args)
     verbose = not args.quiet
     bar.set_description(f"{scenario}: pretraining")
     pretrained = Trainer(arch, _config(args, TRUE_K), verbose=verbose).pretrained(data.arrays)
@@ -159,15 +181,16 @@ def _figures(scenario: str, data: Prepped, labels: np.ndarray, maps: dict[str, n
     folder.mkdir(parents=True, exist_ok=True)
     y = data.cohort.labels
     picks = [i for c in np.unique(y) for i in np.flatnonzero(y == c)[:2]]
+    shown = _shown(data.arrays)
     methods = list(maps)
     fig, axes = plt.subplots(len(picks), len(methods) + 1, figsize=(2.2 * (len(methods) + 1), 2.3 * len(picks)))
     for r, i in enumerate(picks):
-        z = int(np.argmax(data.lesions[i].sum(axis=(1, 2)))) if data.lesions[i].any() else data.arrays.shape[1] // 2
-        axes[r, 0].imshow(data.arrays[i, z], cmap="gray")
+        z = int(np.argmax(data.lesions[i].sum(axis=(1, 2)))) if data.lesions[i].any() else shown.shape[1] // 2
+        axes[r, 0].imshow(shown[i, z], cmap="gray")
         axes[r, 0].set_title(f"{data.cohort.subjects[i].id}\ntrue {y[i]}, cluster {labels[i]}", fontsize=7)
         for c, method in enumerate(methods, start=1):
             ax = axes[r, c]
-            ax.imshow(data.arrays[i, z], cmap="gray")
+            ax.imshow(shown[i, z], cmap="gray")
             m = normalise_map(maps[method][i]) * data.lungs[i]
             ax.imshow(np.ma.masked_less(m[z], 0.05), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
             if r == 0:
@@ -185,7 +208,7 @@ def _figures(scenario: str, data: Prepped, labels: np.ndarray, maps: dict[str, n
     default = maps[DEFAULT_METHOD]
     ks = np.unique(labels)
     fig, axes = plt.subplots(1, len(ks), figsize=(3 * len(ks), 3.2), squeeze=False)
-    mean_input = data.arrays.mean(0)
+    mean_input = shown.mean(0)
     for ax, c in zip(axes[0], ks):
         avg = np.mean([normalise_map(default[i]) * data.lungs[i] for i in np.flatnonzero(labels == c)], axis=0)
         z = int(np.argmax(avg.sum(axis=(1, 2))))
@@ -207,12 +230,12 @@ def _figures(scenario: str, data: Prepped, labels: np.ndarray, maps: dict[str, n
 def _sweep(args: argparse.Namespace, bar: tqdm) -> list[dict[str, Any]]:
     """Accuracy at the true k against anatomy variation, with and without affine template registration."""
     rows = []
-    arch = Architecture(ndim=3, grid=args.grid, smooth=args.smooth)
+    arch = _arch(args)
     for level in SWEEP_LEVELS:
         cohort = _cohort("location", args, level, args.seed + 1000)
         for register in ("none", "affine"):
             bar.set_description(f"sweep: variation {level:g}, registration {register}")
-            data = _prep(cohort, args.grid, register, args.lung_closing)
+            data = _prep(cohort, args, register)
             _, summary = Trainer(arch, _config(args, TRUE_K), verbose=False).fit(data.arrays)
             rows.append({"scenario": "location", "anatomy_variation": level, "register": register,
                          **clustering_scores(data.cohort.labels, np.array(summary.labels))})
@@ -301,7 +324,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "anatomy_variation": args.anatomy_variation, "base": str(args.base) if args.base else None,
         "base_lesion": str(args.base_lesion) if args.base and args.base_lesion else None,
         "scenarios": scenarios, "k_values": ks, "true_k": TRUE_K, "restarts": args.restarts,
-        "smooth": args.smooth, "register": args.register, "lung_closing_mm": args.lung_closing,
+        "smooth": _smooth(args), "register": args.register, "lung_closing_mm": args.lung_closing,
+        "representation": args.representation, "vessel_mm": args.vessel_mm,
         "default_method": DEFAULT_METHOD, "tolerance": args.grid // Architecture(grid=args.grid).feature_grid,
         "seconds": time.perf_counter() - start, "machine": f"{platform.machine()} {platform.system()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}", "python": sys.version.split()[0],

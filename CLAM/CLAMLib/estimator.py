@@ -13,7 +13,7 @@ import torch
 from . import bundle as _bundle
 from .errors import InputError
 from .explain import ExplainContext, explain, normalise_map, resolve_method
-from .model import Architecture, ClusterNet
+from .model import Architecture, ClusterNet, default_smooth
 from .preprocess import Prepared, PreprocessConfig, Preprocessor
 from .train import Progress, TrainConfig, Trainer, TrainSummary, as_batch, resolve_device
 
@@ -37,10 +37,20 @@ class CLAMModel:
     def __init__(self, k: Optional[int] = None, *, k_range: tuple[int, int] = (2, 8), grid: int = 88, ndim: int = 3,
                  architecture: Optional[Architecture] = None, preprocess: Optional[PreprocessConfig] = None,
                  train: Optional[TrainConfig] = None, seed: int = 0, device: str = "auto", verbose: bool = True) -> None:
-        self.architecture = architecture or Architecture(ndim=ndim, grid=grid)
-        self.preprocess = preprocess or PreprocessConfig(grid=self.architecture.grid, ndim=self.architecture.ndim)
+        if architecture is None:
+            pre = preprocess or PreprocessConfig(grid=grid, ndim=ndim)
+            architecture = Architecture(ndim=pre.ndim, grid=pre.grid, in_channels=pre.channels,
+                                        smooth=default_smooth(pre.grid))
+        self.architecture = architecture
+        self.preprocess = preprocess or PreprocessConfig(
+            grid=architecture.grid, ndim=architecture.ndim,
+            representation="ct" if architecture.in_channels == 1 else "findings")
         if (self.preprocess.grid, self.preprocess.ndim) != (self.architecture.grid, self.architecture.ndim):
             raise InputError("the preprocessing grid and the architecture's grid differ; set them to the same value.")
+        if self.preprocess.channels != self.architecture.in_channels:
+            raise InputError(f"the {self.preprocess.representation!r} representation gives {self.preprocess.channels} "
+                             f"input channels but the architecture takes {self.architecture.in_channels}; set "
+                             f"Architecture(in_channels={self.preprocess.channels}).")
         self.train = train or TrainConfig(k=k, k_range=k_range, seed=seed, device=device)
         self.device = device
         self.verbose = verbose
@@ -130,8 +140,8 @@ class CLAMModel:
 
     def context(self) -> ExplainContext:
         """What the map methods need beyond the network: the cohort mean image."""
-        base = torch.as_tensor(self.cohort_mean_)[None, None] if self.cohort_mean_ is not None else None
-        return ExplainContext(baseline=base)
+        base = as_batch(self.cohort_mean_[None], self.architecture) if self.cohort_mean_ is not None else None
+        return ExplainContext(baseline=base, present_only=self.preprocess.representation == "findings")
 
     def explain(self, images: Sequence[ImageLike], method: str = "default", device: Optional[str] = None,
                 progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:

@@ -17,11 +17,21 @@ from .model import ClusterNet
 class ExplainContext:
     """What a map method may need beyond the network and the image."""
 
-    baseline: Optional[torch.Tensor] = None  # cohort mean image (1, 1, *grid)
+    baseline: Optional[torch.Tensor] = None  # cohort mean image (1, C, *grid)
     batch_size: int = 64  # masked inputs per pass on the CPU; on CUDA the size is chosen from free memory
     seed: int = 0
     bf16: bool = False  # bf16 autocast of the masked passes, CUDA only (maps within tolerance: benchmarks/README.md)
     features: Optional[torch.Tensor] = None  # last-block activations of the current image, set by explain()
+    present_only: bool = False  # default map only where the image itself holds a finding (findings inputs)
+
+
+PRESENCE = 0.05
+"""Findings input (units of 1000 HU, summed over channels) at which a place counts as fully holding a finding."""
+
+
+def presence(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """0..1 weight (1, *grid) of where a findings input (1, C, *grid) holds a finding, smoothed like the maps."""
+    return (smooth(x.abs().sum(1), sigma) / PRESENCE).clamp(0.0, 1.0)
 
 
 def _upsample(a: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -96,7 +106,7 @@ def gradient(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext) -> torch.Ten
         xk = x.detach().repeat(k, *[1] * (x.ndim - 1)).requires_grad_(True)
         q = net.soft_assign(xk)
         (grad,) = torch.autograd.grad(q.diagonal().sum(), xk)
-    return grad[:, 0].abs()
+    return grad.abs().sum(1)
 
 
 def occlusion(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext, patch: Optional[int] = None) -> torch.Tensor:
@@ -221,17 +231,20 @@ def integrated_gradients(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext, 
     """Integrated gradients (Sundararajan et al. 2017) of each cluster's log-odds: the evidence for each cluster.
 
     The attribution is averaged over two baselines, the cohort mean image and the empty lung (zero: the lung
-    mean everywhere), steps / 2 each, in one call; its positive part is smoothed over about one grid voxel. From
-    the mean alone, a finding missing where the other cluster has one can outweigh the finding present; from the
-    empty lung alone, a faint finding carries little weight. CLAM's default map: unlike the faithful CLAM map it
-    finds the lesions, and unlike |attribution| it changes when the weights are randomised.
+    mean everywhere), steps / 2 each, in one call; its positive part is smoothed over about one grid voxel. From the mean
+    alone, a finding missing where the other cluster has one can outweigh the finding present; from the empty
+    lung alone, a faint finding carries little weight. CLAM's default map: unlike the faithful CLAM map it finds
+    the lesions, and unlike |attribution| it changes when the weights are randomised. With ctx.present_only (findings
+    inputs) the map is weighted by where the image itself holds a finding: a finding absent here but present in
+    the other cluster is evidence, yet not something to point at.
     """
     empty = torch.zeros_like(x)
     if ctx.baseline is None:
         attribution = ig_attribution(net, x, empty, steps)
     else:
         attribution = ig_attribution(net, x, [ctx.baseline, empty], max(1, steps // 2))
-    return smooth(attribution.sum(1), sigma).clamp_min(0)
+    result = smooth(attribution.sum(1), sigma).clamp_min(0)
+    return result * presence(x, sigma) if ctx.present_only else result
 
 
 def gradient_x_input(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext, sigma: float = 1.0) -> torch.Tensor:
@@ -240,7 +253,7 @@ def gradient_x_input(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext, sigm
         xk = x.detach().repeat(net.k, *[1] * (x.ndim - 1)).requires_grad_(True)
         odds = _log_odds(net.soft_assign(xk))
         (grad,) = torch.autograd.grad(odds.diagonal().sum(), xk)
-    return smooth((grad * x)[:, 0].abs().detach(), sigma)
+    return smooth((grad * x).abs().sum(1).detach(), sigma)
 
 
 def rise(net: ClusterNet, x: torch.Tensor, ctx: ExplainContext, masks: int = 192, p: float = 0.5) -> torch.Tensor:
@@ -287,7 +300,7 @@ _FLUSH_EVERY = 16  # images per activations pass; their results stay on the devi
 @torch.no_grad()
 def explain(net: ClusterNet, x: torch.Tensor, method: str = "default", ctx: Optional[ExplainContext] = None,
             progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Soft assignments (N, k) and maps (N, k, *grid) of a batch (N, 1, *grid), every cluster at once."""
+    """Soft assignments (N, k) and maps (N, k, *grid) of a batch (N, C, *grid), every cluster at once."""
     name = resolve_method(method)
     fn = METHODS[name]
     ctx = ctx or ExplainContext()

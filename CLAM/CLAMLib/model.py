@@ -10,6 +10,13 @@ from torch import nn
 
 from .errors import InputError
 
+SMOOTH_PER_GRID = 16
+
+
+def default_smooth(grid: int) -> float:
+    """Input smoothing (sigma, grid voxels) used unless one is asked for: grid / 16, 4 voxels at grid 64."""
+    return grid / SMOOTH_PER_GRID
+
 
 @dataclass
 class Architecture:

@@ -14,7 +14,12 @@ Defaults (PreprocessConfig):
   "bspline" register each scan's lungs on the grid to a lung template built from the training cohort (the mean
   lung mask after affine alignment); registration matches lung masks, since the normalised image carries no lung
   outline (voxels outside the lungs hold the lung mean).
-- centre True: intensities are (HU - hu_min) / scale (scale: the cohort's maximum, as in the paper) with voxels
+- representation "findings": the model sees three channels of how far each lung voxel departs from the scan's own
+  normal parenchyma (low attenuation, ground glass, solid; see findings.py), computed at the lung mask's working
+  resolution after vessels are removed, in units of 1000 HU, zero outside the lungs. Raw intensities carry the
+  person (anatomy, vessel tree, scanner calibration) and cluster people, not findings, on cohorts of different
+  people. "ct" is the paper's input: one channel of clipped HU, normalised as below.
+- centre True ("ct" only): intensities are (HU - hu_min) / scale (scale: the cohort's maximum, as in the paper) with voxels
   outside the lungs set to the lung mean (done at native resolution, before resampling, so the lung border leaves
   no bright rim); centring then subtracts that mean, so a scan's overall attenuation offset (scanner calibration,
   inspiration level) is not what the clustering sees. centre False gives the paper's normalisation exactly.
@@ -36,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from . import findings as _findings
 from .errors import BundleError, CLAMError, InputError
 from .imageio import check_image
 
@@ -54,6 +60,7 @@ _STATE_VERSION = 1
 _INPLANE = np.zeros((3, 3, 3), dtype=bool)
 _INPLANE[1] = ndimage.generate_binary_structure(2, 1)
 REGISTRATIONS = ("none", "affine", "bspline")
+REPRESENTATIONS = ("findings", "ct")
 
 
 class NotFittedError(CLAMError, RuntimeError):
@@ -104,7 +111,7 @@ class Geometry:
 class Prepared:
     """One image ready for the model, with what is needed to map results back onto it."""
 
-    array: np.ndarray  # float32, (grid,) * ndim, z-y-x order; template space when registered
+    array: np.ndarray  # float32, (grid,) * ndim ("ct") or (channels, *grid) ("findings"), z-y-x; template space when registered
     lung: np.ndarray  # bool lung mask on the same grid
     native: Geometry  # geometry of the input image
     grid: Geometry  # physical geometry of the subject's model grid (lung box plus margin)
@@ -123,6 +130,13 @@ class PreprocessConfig:
     register: str = "none"
     centre: bool = True
     closing_mm: float = LUNG_CLOSING_MM
+    representation: str = "findings"
+    vessel_mm: float = _findings.VESSEL_MM
+
+    @property
+    def channels(self) -> int:
+        """Number of model input channels this representation gives."""
+        return len(_findings.CHANNELS) if self.representation == "findings" else 1
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work."""
@@ -140,6 +154,11 @@ class PreprocessConfig:
             raise InputError(f"register must be one of {', '.join(REGISTRATIONS)}, got {self.register!r}")
         if not (math.isfinite(self.closing_mm) and self.closing_mm >= 0):
             raise InputError(f"closing_mm must be 0 or more (mm), got {self.closing_mm}; the default is {LUNG_CLOSING_MM:g}")
+        if self.representation not in REPRESENTATIONS:
+            raise InputError(f"representation must be one of {', '.join(REPRESENTATIONS)}, got {self.representation!r}")
+        if not (math.isfinite(self.vessel_mm) and self.vessel_mm >= 0):
+            raise InputError(f"vessel_mm must be 0 or more (mm), got {self.vessel_mm}; the default is "
+                             f"{_findings.VESSEL_MM:g}")
 
 
 @dataclass
@@ -271,8 +290,9 @@ class Preprocessor:
                 f"preprocessing state version {meta.get('version')!r} is not {_STATE_VERSION}; {fix}"
             )
         try:
-            # states written before closing_mm was recorded were fitted with a 6 mm closing
-            config = PreprocessConfig(**{"closing_mm": _FORMER_CLOSING_MM, **meta["config"]})
+            # states written before closing_mm was recorded were fitted with a 6 mm closing, and those before
+            # representation was recorded saw the CT itself
+            config = PreprocessConfig(**{"closing_mm": _FORMER_CLOSING_MM, "representation": "ct", **meta["config"]})
             scale = float(meta["scale"])
         except (KeyError, TypeError, ValueError) as err:
             raise BundleError(f"preprocessing state is incomplete or invalid ({err}); {fix}") from err
@@ -314,13 +334,32 @@ class Preprocessor:
         crop = sitk.Clamp(
             sitk.RegionOfInterest(work, size, index), sitk.sitkFloat32, config.hu_min, config.hu_max
         )
+        lung = sitk.GetArrayFromImage(_resample(lungs.coarse, grid, sitk.sitkLinear, 0.0, sitk.sitkFloat32)) > 127.5
+        if config.representation == "findings":
+            return Gridded(self._findings(crop, lungs, grid), lung, Geometry.from_image(image), grid)
         crop = _outside_to_lung_mean(crop, lungs, index)
         crop = _antialias(crop, grid.spacing)
         array = sitk.GetArrayFromImage(
             _resample(crop, grid, sitk.sitkLinear, config.hu_min, sitk.sitkFloat32)
         )
-        lung = sitk.GetArrayFromImage(_resample(lungs.coarse, grid, sitk.sitkLinear, 0.0, sitk.sitkFloat32)) > 127.5
         return Gridded(array, lung, Geometry.from_image(image), grid)
+
+    def _findings(self, crop: sitk.Image, lungs: LungMask, grid: Geometry) -> np.ndarray:
+        """Findings channels (C, *grid) in HU of a clipped crop: found at the lung mask's resolution, then gridded."""
+        small = sitk.BinShrink(crop, lungs.factors) if max(lungs.factors) > 1 else crop
+        lung = sitk.GetArrayFromImage(
+            _resample(lungs.coarse, Geometry.from_image(small), sitk.sitkLinear, 0, sitk.sitkFloat32)) > 127.5
+        volume = lung if lung.ndim == 3 else lung[None]
+        split = _midline(volume)
+        sides = np.broadcast_to(np.arange(lung.shape[-1]) >= split, lung.shape)
+        channels = _findings.findings(small, lung, sides, self.config.vessel_mm)
+        out = []
+        for values in channels:
+            image = sitk.GetImageFromArray(values)
+            image.CopyInformation(small)
+            image = _antialias(image, grid.spacing)
+            out.append(sitk.GetArrayFromImage(_resample(image, grid, sitk.sitkLinear, 0.0, sitk.sitkFloat32)))
+        return np.stack(out)
 
     def fit_grids(self, grids: Iterable[Gridded], shard: Callable[[list], list] = list,
                   total: Callable[[np.ndarray], np.ndarray] = np.asarray) -> Preprocessor:
@@ -332,7 +371,8 @@ class Preprocessor:
         config = self.config
         scale, count, kept = -math.inf, 0, []
         for grid in grids:
-            scale = max(scale, float(grid.array.max()) - config.hu_min)
+            top = _findings.SCALE_HU if config.representation == "findings" else float(grid.array.max()) - config.hu_min
+            scale = max(scale, top)
             count += 1
             if config.register != "none":
                 kept.append(grid)
@@ -361,12 +401,20 @@ class Preprocessor:
         self._check_fitted()
         config = self.config
         array, lung, transform = grid.array, grid.lung, None
+        findings = config.representation == "findings"
         if self.template_ is not None:
             transform = _register(self.template_, lung.astype(np.float32), config.register)
-            array = _warp(array, transform, config.hu_min)
+            if findings:
+                array = np.stack([_warp(channel, transform, 0.0) for channel in array])
+            else:
+                array = _warp(array, transform, config.hu_min)
             lung = _warp(lung.astype(np.float32), transform, 0.0) > 0.5
         if not lung.any():
             raise InputError("no lung voxels left on the model grid; check the scan covers the lungs")
+        if findings:
+            values = array / np.float32(self.scale_)
+            values[:, ~lung] = 0.0
+            return Prepared(values.astype(np.float32, copy=False), lung, grid.native, grid.grid, transform)
         values = (array - np.float32(config.hu_min)) / np.float32(self.scale_)
         lung_mean = values[lung].mean()
         values[~lung] = lung_mean

@@ -81,8 +81,9 @@ def qc_picture(image: sitk.Image, mask: sitk.Image, path: str | Path, title: str
     return _save(fig, path)
 
 
-def training_report(summary: Any, folder: str | Path, scans: Sequence[dict] = ()) -> Path:
-    """Loss curves (PNG), the k-selection table and cluster sizes (CSV, JSON, Markdown) into `folder`."""
+def training_report(summary: Any, folder: str | Path, scans: Sequence[dict] = (),
+                    diagnosis: dict | None = None) -> Path:
+    """Loss curves (PNG), the k-selection table, cluster sizes and what the clusters follow (CSV, JSON, Markdown)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     s = summary.to_dict() if hasattr(summary, "to_dict") else dict(summary)
@@ -124,6 +125,8 @@ def training_report(summary: Any, folder: str | Path, scans: Sequence[dict] = ()
              f"- training time: {_fmt(s.get('seconds'))} s", "", "## k selection (highest silhouette)", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in table]
+    if diagnosis is not None:
+        lines += _diagnosis_lines(diagnosis)
     if scans:
         lines += ["", "## scans", "", "| id | status | lung volume (L) | reason |", "|---|---|---|---|"]
         lines += [f"| {r['id']} | {r['status']} | {_fmt(r.get('lung_volume_l'))} | {r.get('reason', '')} |"
@@ -132,8 +135,26 @@ def training_report(summary: Any, folder: str | Path, scans: Sequence[dict] = ()
     with atomic_path(out / "report.md") as tmp:
         Path(tmp).write_text("\n".join(lines))
     with atomic_path(out / "report.json") as tmp:
-        Path(tmp).write_text(json.dumps({"training": s, "scans": list(scans)}, indent=1) + "\n")
+        Path(tmp).write_text(json.dumps({"training": s, "scans": list(scans), "diagnosis": diagnosis}, indent=1) + "\n")
     return out
+
+
+def _diagnosis_lines(diagnosis: dict) -> list[str]:
+    """Markdown of diagnostics.assess: warnings first, then every descriptor's association with the clusters."""
+    lines = ["", "## what the clusters follow", ""]
+    lines += [f"- **warning:** {w}" for w in diagnosis["warnings"]] or [
+        "- no cluster of outliers, and no descriptor below separates the clusters"]
+    for c, ids in diagnosis["outlier_clusters"].items():
+        lines.append(f"- cluster {c}: " + ", ".join(f"[{i}](qc/{i}.png)" for i in ids))
+    lines += ["", "Descriptors every scan carries that no finding should drive. Numbers: eta^2 is the share of their "
+              "variance between clusters (0 none, 1 all), p a permutation p-value, per cluster the median. Categories: "
+              "Cramer's V (0 none, 1 each cluster its own level), p of chi-square or Fisher's exact test, per cluster "
+              "the commonest level.", "",
+              "| descriptor | effect | p | per cluster | scans |", "|---|---|---|---|---|"]
+    for a in diagnosis["associations"]:
+        per = ", ".join(f"{c}: {v}" for c, v in a["per_cluster"].items())
+        lines.append(f"| {a['name']} | {a['effect_name']} {a['effect']:.2f} | {a['p']:.3g} | {per} | {a['n']} |")
+    return lines
 
 
 def _fmt(value: Any) -> str:

@@ -572,10 +572,10 @@ def _allowed(info: _LungInfo, spec: LesionSpec) -> np.ndarray:
     return allowed
 
 
-def _base_sites(info: _LungInfo, p: ScenarioParams) -> dict[int, np.ndarray]:
+def _base_sites(info: _LungInfo, p: ScenarioParams, margin_mm: float | None = None) -> dict[int, np.ndarray]:
     """Per cluster with a site on a fixed side: the base lung's point nearest that site with room for the lesions.
 
-    Room there is asked for the whole jitter and a deformation's worth more; a lung without that much gets the
+    Room there is asked for the lesions plus margin_mm (default: the whole jitter and a deformation's worth); a lung without that much gets the
     deepest point of the cluster's zone and side. Mapped into each deformed subject, the point gives every
     subject the same anatomical site, also in lungs whose bounding-box site lies too near the pleura for the
     lesion.
@@ -587,7 +587,8 @@ def _base_sites(info: _LungInfo, p: ScenarioParams) -> dict[int, np.ndarray]:
             continue
         to_site = np.where(_allowed(info, spec), np.linalg.norm(info.pts - _site_point(info, spec, spec.side), axis=1),
                            np.inf)
-        d = np.where(depth >= _room(p) + spec.jitter_mm + DEFORMATION_MM, to_site, np.inf)
+        extra = spec.jitter_mm + DEFORMATION_MM if margin_mm is None else margin_mm
+        d = np.where(depth >= _room(p) + extra, to_site, np.inf)
         if np.isfinite(d.min()):
             sites[i] = info.pts[int(np.argmin(d))]
         elif np.isfinite(to_site.min()):  # no such room: the deepest point of the zone and side
@@ -788,8 +789,13 @@ def _image_digest(image: sitk.Image) -> str:
 def make_cohort(scenario: str = "size", n_per_cluster: int = 20, seed: int = 0, anatomy_variation: float = 1.0,
                 base: sitk.Image | None = None, params: ScenarioParams | None = None,
                 size: Sequence[int] = DEFAULT_SIZE, spacing: Sequence[float] = DEFAULT_SPACING,
-                base_lung: sitk.Image | None = None, base_lesion: sitk.Image | None = None) -> Cohort:
-    """Simulate a seeded cohort whose clusters differ only by their lesions (see the module docstring)."""
+                base_lung: sitk.Image | None = None, base_lesion: sitk.Image | None = None,
+                site_margin_mm: float | None = None) -> Cohort:
+    """Simulate a seeded cohort whose clusters differ only by their lesions (see the module docstring).
+
+    With a base, site_margin_mm is the depth asked beyond a lesion's own room at each cluster's site (default: the
+    site jitter plus DEFORMATION_MM; 0 keeps sites nearer the asked place in small lungs).
+    """
     if scenario not in SCENARIOS:
         raise InputError(f"unknown scenario {scenario!r}: use one of {SCENARIOS}")
     if int(n_per_cluster) != n_per_cluster or n_per_cluster < 2:
@@ -823,7 +829,7 @@ def make_cohort(scenario: str = "size", n_per_cluster: int = 20, seed: int = 0, 
     if base is not None:
         small = _prepare_base(_without_lesion(base, base_lesion) if base_lesion is not None else base, size_t)
         lung_ref = _base_lung(small, base_lung)
-        sites = _base_sites(_LungInfo(sitk.GetArrayFromImage(lung_ref) > 0, small), p)
+        sites = _base_sites(_LungInfo(sitk.GetArrayFromImage(lung_ref) > 0, small), p, site_margin_mm)
         run_params["base"] = {
             "sha256": _image_digest(base),
             "size": list(base.GetSize()),

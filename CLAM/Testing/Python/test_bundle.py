@@ -20,7 +20,7 @@ from CLAMLib.train import TrainConfig
 def fitted(tmp_path_factory) -> tuple[CLAMModel, list, Path]:
     cohort = make_cohort("size", n_per_cluster=4, seed=1, anatomy_variation=0.5)
     images = [s.image for s in cohort.subjects]
-    arch = Architecture(grid=16, filters=(4, 8, 8), embedding=6)
+    arch = Architecture(grid=16, filters=(4, 8, 8), embedding=6, in_channels=3)
     model = CLAMModel(architecture=arch, preprocess=PreprocessConfig(grid=16, ndim=3),
                       train=TrainConfig(k=2, pretrain_epochs=3, finetune_epochs=2, seed=0, device="cpu"),
                       verbose=False).fit(images, trained_on="unit-test phantoms")

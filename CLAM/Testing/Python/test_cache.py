@@ -57,6 +57,9 @@ def test_entry_round_trip_and_keys(scans: Path, tmp_path: Path) -> None:
     assert cache.key(copy, config) == key  # the content counts, not the name
     assert cache.key(path, PreprocessConfig(grid=24)) != key
     assert cache.key(path, PreprocessConfig(grid=16, closing_mm=6.0)) != key
+    assert cache.key(path, PreprocessConfig(grid=16, representation="ct")) != key  # a CT entry is no findings entry
+    assert cache.key(path, PreprocessConfig(grid=16, vessel_mm=2.0)) != key
+    assert entry.grid.array.shape == (3, 16, 16, 16)  # findings channels kept whole
     image = read_image(copy)
     image[0, 0, 0] = image[0, 0, 0] + 1
     sitk.WriteImage(image, str(copy))

@@ -4,7 +4,9 @@ import json
 
 import pytest
 import SimpleITK as sitk
-from CLAMLib.cli import DEMO_SMOOTH, LUNG_CLOSING, RESTARTS, main
+from CLAMLib.cli import LUNG_CLOSING, RESTARTS, build_parser, main
+from CLAMLib.findings import VESSEL_MM
+from CLAMLib.model import default_smooth
 from CLAMLib.preprocess import PreprocessConfig
 from CLAMLib.train import TrainConfig
 
@@ -16,7 +18,8 @@ def test_demo_writes_table_maps_and_figures(tmp_path, capsys) -> None:
     results = json.loads((out / "results.json").read_text())
     settings = results["settings"]
     assert settings["grid"] == 16 and settings["default_method"] == "ig"
-    assert settings["smooth"] == DEMO_SMOOTH and settings["restarts"] == 2
+    assert settings["smooth"] == default_smooth(16) == 1.0 and settings["restarts"] == 2
+    assert settings["representation"] == "findings" and settings["vessel_mm"] == VESSEL_MM
     restarts = results["restarts"]["size"]
     assert [r["seed"] for r in restarts] == [0, 1] and sum(r["best"] for r in restarts) == 1
     assert settings["lung_closing_mm"] == LUNG_CLOSING
@@ -39,7 +42,8 @@ def test_demo_writes_table_maps_and_figures(tmp_path, capsys) -> None:
     assert (out / "figures" / "size_examples.png").stat().st_size > 1000
     assert (out / "figures" / "size_cluster_average.png").stat().st_size > 1000
     card = json.loads((tmp_path / "model" / "model.json").read_text())
-    assert card["architecture"]["smooth"] == DEMO_SMOOTH
+    assert card["architecture"]["smooth"] == 1.0 and card["architecture"]["in_channels"] == 3
+    assert card["preprocess"]["config"]["representation"] == "findings"
     assert "results.md" in capsys.readouterr().out
 
 
@@ -69,6 +73,10 @@ def test_help_explains_each_command(command, capsys) -> None:
 def test_command_line_defaults_are_the_api_defaults() -> None:
     assert RESTARTS == TrainConfig().restarts
     assert LUNG_CLOSING == PreprocessConfig().closing_mm
+    for command in (["demo"], ["train", "scan.nrrd", "--out", "m"]):
+        args = build_parser().parse_args(command)
+        assert (args.representation, args.vessel_mm) == (PreprocessConfig().representation, PreprocessConfig().vessel_mm)
+        assert args.smooth is None  # grid / 16, as CLAMModel's default architecture
 
 
 def test_base_lesion_needs_a_base(tmp_path, capsys) -> None:

@@ -215,26 +215,31 @@ def test_unfitted_use_is_refused():
         Preprocessor().fit([])
 
 
+def scalar(prepared) -> np.ndarray:
+    """A prepared input as one array on the grid: the findings channels summed, or the CT input itself."""
+    return prepared.array.sum(0) if prepared.array.ndim == prepared.lung.ndim + 1 else prepared.array
+
+
 def test_blob_at_physical_point_lands_on_oblique_anisotropic_native():
     image = chest(lesion=LESION)
     before = fingerprint(image)
     processor = Preprocessor(PreprocessConfig(grid=32))
     prepared = processor.fit_transform([image])[0]
-    assert prepared.array.shape == (32, 32, 32) and prepared.array.dtype == np.float32
+    assert prepared.array.shape == (3, 32, 32, 32) and prepared.array.dtype == np.float32
     assert prepared.lung.dtype == bool and 0.1 < prepared.lung.mean() < 0.9
     assert prepared.native == Geometry.from_image(image)
     assert prepared.grid.direction == Geometry.from_image(image).direction
-    assert prepared.array.max() <= 1.0 and np.unique(prepared.array[~prepared.lung]).size == 1
+    assert prepared.array.max() <= 1.0 and np.unique(scalar(prepared)[~prepared.lung]).size == 1
     reference = sitk.Image(list(prepared.grid.size), sitk.sitkUInt8)
     reference.SetSpacing(prepared.grid.spacing)
     reference.SetOrigin(prepared.grid.origin)
     reference.SetDirection(prepared.grid.direction)
     target = lesion_point(image)
     xyz = reference.TransformPhysicalPointToContinuousIndex(target.tolist())
-    native = processor.to_native(blob(prepared.array.shape, xyz[::-1]), prepared)
+    native = processor.to_native(blob(prepared.lung.shape, xyz[::-1]), prepared)
     same_geometry(native, image)
     assert np.linalg.norm(peak_point(native) - target) <= max(image.GetSpacing())
-    found = np.unravel_index(np.argmax(np.where(prepared.lung, prepared.array, 0)), prepared.array.shape)
+    found = np.unravel_index(np.argmax(np.where(prepared.lung, scalar(prepared), 0)), prepared.lung.shape)
     # the lesion sits where the grid geometry puts its physical centre
     assert np.linalg.norm(np.array(found) - np.array(xyz[::-1])) <= 1.5
     on_grid = processor.grid_mask(lesion_mask(image), prepared)
@@ -247,8 +252,8 @@ def test_affine_registration_round_trip(cohort, affine):
     processor, prepared = affine
     assert all(isinstance(p.transform, sitk.AffineTransform) for p in prepared)
     subject, image = prepared[-1], cohort[-1]
-    found = np.unravel_index(np.argmax(np.where(subject.lung, subject.array, 0)), subject.array.shape)
-    native = processor.to_native(blob(subject.array.shape, found), subject)
+    found = np.unravel_index(np.argmax(np.where(subject.lung, scalar(subject), 0)), subject.lung.shape)
+    native = processor.to_native(blob(subject.lung.shape, found), subject)
     same_geometry(native, image)
     grid_step = max(subject.grid.spacing)
     assert np.linalg.norm(peak_point(native) - lesion_point(image)) <= grid_step
@@ -290,8 +295,8 @@ def test_bspline_round_trip(cohort):
     before = fingerprint(image)
     subject = processor.transform(image)
     assert isinstance(subject.transform, sitk.CompositeTransform)
-    found = np.unravel_index(np.argmax(np.where(subject.lung, subject.array, 0)), subject.array.shape)
-    native = processor.to_native(blob(subject.array.shape, found), subject)
+    found = np.unravel_index(np.argmax(np.where(subject.lung, scalar(subject), 0)), subject.lung.shape)
+    native = processor.to_native(blob(subject.lung.shape, found), subject)
     same_geometry(native, image)
     assert np.linalg.norm(peak_point(native) - lesion_point(image)) <= 1.5 * max(subject.grid.spacing)
     assert fingerprint(image) == before
@@ -303,7 +308,7 @@ def test_2d_model(single_slice):
     image = volume if single_slice else volume[:, :, 0]
     processor = Preprocessor(PreprocessConfig(grid=32, ndim=2))
     prepared = processor.fit_transform([image])[0]
-    assert prepared.array.shape == (32, 32)
+    assert prepared.array.shape == (3, 32, 32)
     native = processor.to_native(np.ones((32, 32), np.float32), prepared)
     same_geometry(native, image)
     assert 0 < sitk.GetArrayViewFromImage(native).mean() < 1

@@ -12,20 +12,24 @@ calibration. Clustering them groups people. The findings map keeps what a radiol
    into low attenuation (emphysema, air trapping), ground glass (above the level but below ``SOLID_HU``) and solid
    (nodules, masses, consolidation), with a ramp of ``SOLID_RAMP_HU`` between the last two.
 
-Every channel is in HU and zero outside the lungs; preprocessing divides by ``SCALE_HU``.
+Every channel is in HU and zero outside the lungs. Preprocessing divides by ``lung_scale`` of the training cohort,
+so that a typical lung voxel's finding is about ``TYPICAL`` on the model grid whatever the cohort's disease burden.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import SimpleITK as sitk
 
 CHANNELS = ("low attenuation", "ground glass", "solid")
-VESSEL_MM = 3.0  # radius of the ball that removes vessels: bright structures up to about 2 x 3 mm wide
+VESSEL_MM = 5.0  # radius of the ball that removes vessels: bright structures up to about 2 x 5 mm wide
 NORMAL_BAND_HU = 50.0  # departures from the lung's own level within this band count as normal
 SOLID_HU = -300.0  # attenuation where ground glass turns solid
 SOLID_RAMP_HU = 100.0  # half-width of the ramp between ground glass and solid
-SCALE_HU = 1000.0  # findings are divided by this on the model grid
+SCALE_HU = 1000.0  # scale of a cohort without any finding
+TYPICAL = 1.0 / 3.0  # root-mean-square finding over the training cohort's lungs on the model grid
 FIT_BAND_HU = 100.0  # voxels within this of the current fit refine it
 _FIT_ROUNDS = 3
 
@@ -76,3 +80,9 @@ def findings(hu: sitk.Image, lung: np.ndarray, sides: np.ndarray, vessel_mm: flo
     out = np.stack([low, high * (1 - solid), high * solid]).astype(np.float32)
     out[:, ~lung] = 0.0
     return out
+
+
+def lung_scale(sum_squares: float, count: int) -> float:
+    """Divisor (HU) that makes the root-mean-square finding over ``count`` lung voxels equal ``TYPICAL``."""
+    rms = math.sqrt(sum_squares / count) if count else 0.0
+    return rms / TYPICAL if rms > 0 else SCALE_HU

@@ -369,15 +369,21 @@ class Preprocessor:
         each rank registers only its part of the cohort to the template.
         """
         config = self.config
-        scale, count, kept = -math.inf, 0, []
+        findings = config.representation == "findings"
+        scale, count, kept, squares, voxels = -math.inf, 0, [], 0.0, 0
         for grid in grids:
-            top = _findings.SCALE_HU if config.representation == "findings" else float(grid.array.max()) - config.hu_min
-            scale = max(scale, top)
+            if findings:
+                squares += float(np.square(grid.array[:, grid.lung], dtype=np.float64).sum())
+                voxels += int(grid.lung.sum()) * grid.array.shape[0]
+            else:
+                scale = max(scale, float(grid.array.max()) - config.hu_min)
             count += 1
             if config.register != "none":
                 kept.append(grid)
         if count == 0:
             raise InputError("fit needs at least one image; give the training cohort's CTs")
+        if findings:
+            scale = _findings.lung_scale(squares, voxels)
         if not scale > 0:
             raise InputError(
                 "every image is at or below hu_min on the model grid; give CTs in Hounsfield units"

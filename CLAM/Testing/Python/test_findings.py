@@ -108,3 +108,19 @@ def test_present_only_map_is_zero_where_the_image_holds_nothing():
     assert torch.equal(present, plain * weight)
     assert float(weight[4, 4]) == 1.0 and float(weight[12, 12]) == 0.0
     assert float(present[:, 11:13, 11:13].abs().max()) == 0.0
+
+
+def test_findings_scale_makes_a_typical_lung_voxel_the_same_size_in_every_cohort():
+    from CLAMLib.findings import SCALE_HU, TYPICAL, lung_scale
+
+    assert lung_scale(0.0, 10) == SCALE_HU and lung_scale(0.0, 0) == SCALE_HU  # a cohort without findings
+    scales = []
+    for radius in (9.0, 14.0):  # a small and a large finding
+        hu, lung, sides, mm = lung_region(3)
+        hu[ball(mm, (50.0, 60.0, 30.0), radius) & lung] = 30.0
+        pre = Preprocessor(PreprocessConfig(grid=16))
+        prepared = pre.fit_transform([image(hu)])[0]
+        rms = float(np.sqrt(np.mean(np.square(prepared.array[:, prepared.lung]))))
+        assert rms == pytest.approx(TYPICAL, rel=1e-3)
+        scales.append(pre.scale_)
+    assert scales[1] > 2.0 * scales[0]

@@ -26,6 +26,8 @@ DICOM_TAGS = {
 """Per-scan record field -> DICOM tag (group|element, SimpleITK's spelling) read from the scan's header."""
 
 _TISSUE_HU = -400.0  # voxels above this are body (or table), below it air
+_SOFT_HU = (-100.0, 300.0)  # soft tissue and blood, fat excluded, bone cortex mostly excluded
+_ENHANCED_HU = 100.0  # soft tissue above this is mostly blood or organ enhanced by a contrast agent
 
 
 def header_fields(image: sitk.Image) -> dict[str, Any]:
@@ -79,7 +81,9 @@ def geometry_fields(image: sitk.Image) -> dict[str, Any]:
 
 
 def anatomy_fields(image: sitk.Image, coarse_mask: sitk.Image, factors: list[int]) -> dict[str, Any]:
-    """Mean lung HU and the mean axial body cross-section over the slices holding lung, at the mask's resolution.
+    """Mean lung HU, the mean axial body cross-section and the enhanced share of soft tissue (a sign of a contrast
+    agent: the share of voxels of -100..300 HU that lie above 100 HU) over the slices holding lung, at the mask's
+    resolution.
 
     `coarse_mask` is the lung mask at preprocessing's working resolution (non-zero inside) and `factors` the shrink
     factors that made it from `image`; the CT is shrunk (averaged) by the same factors.
@@ -96,6 +100,10 @@ def anatomy_fields(image: sitk.Image, coarse_mask: sitk.Image, factors: list[int
     areas = [_body_area(ct[z]) * pixel_cm2 for z in np.nonzero(lung.any(axis=(1, 2)))[0]]
     if areas:
         fields["body_area_cm2"] = round(float(np.mean(areas)), 1)
+    chest = ct[lung.any(axis=(1, 2))]
+    soft = (chest > _SOFT_HU[0]) & (chest < _SOFT_HU[1])
+    if soft.any():
+        fields["enhanced_share"] = round(float((chest[soft] > _ENHANCED_HU).mean()), 4)
     return fields
 
 

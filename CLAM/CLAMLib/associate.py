@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from .cohort_table import match_ids, read_id_table
+from .cohort_table import match_ids, read_assignments, read_id_table
 from .errors import InputError
 from .imageio import atomic_path
 from .paths import is_inside, output_path, safe_id
@@ -275,16 +275,8 @@ class Cohort:
 def read_cohort(folder: str | Path) -> Cohort:
     """Ids, clusters and per-scan records (result.json) of the scans a `clam map` folder mapped."""
     root = Path(folder)
+    k, rows = read_assignments(root)
     table = root / "assignments.csv"
-    if not table.is_file():
-        raise InputError(f"{table} not found: give the --out folder of `clam map` (it holds assignments.csv).")
-    with open(table, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        rows = list(reader)
-    if not {"id", "cluster", "status"} <= set(header):
-        raise InputError(f"{table} lacks the columns id, cluster and status: is it the assignments.csv of `clam map`?")
-    k = sum(1 for name in header if name.startswith("q") and name[1:].isdigit())
     ids, clusters, records, failed = [], [], [], []
     for row in rows:
         if row["status"] != "ok" or not row["cluster"].strip():
@@ -320,6 +312,8 @@ SCAN_COLUMNS = (
     ("lung volume (L)", "anatomy", "continuous", lambda r: r.get("lung_volume_l")),
     ("mean lung HU", "anatomy", "continuous", lambda r: r.get("acquisition", {}).get("mean_lung_hu")),
     ("body cross-section (cm^2)", "anatomy", "continuous", lambda r: r.get("acquisition", {}).get("body_area_cm2")),
+    ("enhanced soft-tissue share", "acquisition", "continuous",
+     lambda r: r.get("acquisition", {}).get("enhanced_share")),
     ("pixel spacing (mm)", "acquisition", "continuous", lambda r: r.get("acquisition", {}).get("pixel_spacing_mm")),
     ("slice thickness (mm)", "acquisition", "continuous",
      lambda r: r.get("acquisition", {}).get("slice_thickness_mm", r.get("acquisition", {}).get("slice_spacing_mm"))),

@@ -74,6 +74,20 @@ def _number(text: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def read_assignments(folder: Path, verb: str = "give") -> tuple[int, list[dict[str, str]]]:
+    """The number of clusters (q columns) and the rows of a `clam map` folder's assignments.csv."""
+    table = folder / "assignments.csv"
+    if not table.is_file():
+        raise InputError(f"{table} not found: {verb} the --out folder of `clam map` (it holds assignments.csv).")
+    with open(table, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        rows = list(reader)
+    if not {"id", "cluster", "status"} <= set(header):
+        raise InputError(f"{table} lacks the columns id, cluster and status: is it the assignments.csv of `clam map`?")
+    return sum(1 for name in header if name.startswith("q") and name[1:].isdigit()), rows
+
+
 @dataclass
 class ScanRow:
     """One scan of a mapped cohort: what assignments.csv and result.json say, and its clinical values."""
@@ -105,17 +119,7 @@ class CohortTable:
     def read(cls, folder: str | Path, clinical: str | Path | None = None, id_column: str = "id") -> CohortTable:
         """Read assignments.csv and each scan's result.json; join a clinical CSV on `id_column` if given."""
         root = Path(folder)
-        table = root / "assignments.csv"
-        if not table.is_file():
-            raise InputError(f"{table} not found: open the --out folder of `clam map` (it holds assignments.csv).")
-        with open(table, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            records = list(reader)
-        if not {"id", "cluster", "status"} <= set(header):
-            raise InputError(f"{table} lacks the columns id, cluster and status: is it the assignments.csv of "
-                             "`clam map`?")
-        k = sum(1 for name in header if name.startswith("q") and name[1:].isdigit())
+        k, records = read_assignments(root, "open")
         rows = []
         for r in records:
             q = [_number(r.get(f"q{c}")) for c in range(k)]

@@ -146,14 +146,19 @@ def _diagnosis_lines(diagnosis: dict) -> list[str]:
         "- no cluster of outliers, and no descriptor below separates the clusters"]
     for c, ids in diagnosis["outlier_clusters"].items():
         lines.append(f"- cluster {c}: " + ", ".join(f"[{i}](qc/{i}.png)" for i in ids))
-    lines += ["", "Descriptors every scan carries that no finding should drive. Numbers: eta^2 is the share of their "
-              "variance between clusters (0 none, 1 all), p a permutation p-value, per cluster the median. Categories: "
-              "Cramer's V (0 none, 1 each cluster its own level), p of chi-square or Fisher's exact test, per cluster "
+    lines += ["", "Descriptors every scan carries that no finding should drive. Numbers: epsilon^2 is the share of "
+              "their ranks' variance between clusters (0 none, 1 all), p a permutation p-value, per cluster the "
+              "median. Categories: Cramer's V (0 none, 1 each cluster its own level), p of chi-square or Fisher's exact test, per cluster "
               "the commonest level.", "",
               "| descriptor | effect | p | per cluster | scans |", "|---|---|---|---|---|"]
     for a in diagnosis["associations"]:
         per = ", ".join(f"{c}: {v}" for c, v in a["per_cluster"].items())
         lines.append(f"| {a['name']} | {a['effect_name']} {a['effect']:.2f} | {a['p']:.3g} | {per} | {a['n']} |")
+    together = diagnosis.get("predictability")
+    if together:
+        lines += ["", f"All {len(together['descriptors'])} numeric descriptors together predict the cluster with balanced "
+                  f"accuracy {together['balanced_accuracy']:.2f} (chance {1 / together['k']:.2f}, permutation p "
+                  f"{together['p']:.3g}; 3 nearest neighbours, {together['folds']}-fold cross-validation)."]
     return lines
 
 

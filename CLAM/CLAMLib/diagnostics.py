@@ -41,7 +41,7 @@ OUTLIER_SHARE, OUTLIER_COUNT = 0.05, 3  # a cluster under 5 % of the scans, or o
 WARN_EFFECT, WARN_P = 0.5, 0.01  # a descriptor is named when its effect (epsilon^2, Cramer's V) is 0.5 or more, p below 1 %
 WARN_ACCURACY = 0.8  # ... or when the descriptors together predict the cluster this well (balanced accuracy)
 PERMUTATIONS = 2000
-PREDICT_FOLDS, PREDICT_PERMUTATIONS = 4, 200
+PREDICT_FOLDS, PREDICT_PERMUTATIONS, PREDICT_MIN_SCANS = 4, 200, 12
 
 
 def eta_squared(values: np.ndarray, labels: np.ndarray) -> float:
@@ -99,8 +99,8 @@ def _float(value: Any) -> float:
 
 def predictability(rows: Sequence[dict[str, Any]], labels: np.ndarray, seed: int = 0) -> dict[str, Any] | None:
     """How well the numeric descriptors together predict the cluster: cross-validated balanced accuracy of a
-    3-nearest-neighbour classifier on the standardised descriptors, with its permutation p-value (None when too few
-    scans or descriptors)."""
+    3-nearest-neighbour classifier on the standardised descriptors, with its permutation p-value (None under 12 scans,
+    or without a descriptor that varies)."""
     from sklearn.model_selection import StratifiedKFold, permutation_test_score
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
@@ -110,9 +110,9 @@ def predictability(rows: Sequence[dict[str, Any]], labels: np.ndarray, seed: int
     usable = np.isfinite(table).all(0) & (np.ptp(np.where(np.isfinite(table), table, 0), axis=0) > 0)
     present, counts = np.unique(labels, return_counts=True)
     folds = min(PREDICT_FOLDS, int(counts.min())) if len(present) > 1 else 0
-    if not usable.any() or folds < 2:
+    if not usable.any() or folds < 2 or len(rows) < PREDICT_MIN_SCANS:
         return None
-    classifier = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=min(3, len(rows) - 1)))
+    classifier = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=3))
     score, _, p = permutation_test_score(
         classifier, table[:, usable], labels, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
         scoring="balanced_accuracy", n_permutations=PREDICT_PERMUTATIONS, random_state=seed)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from .associate import Column, _as_float, analyse_column
+
 DESCRIPTORS = {
     "lung_volume_l": "lung volume (L)",
     "mean_lung_hu": "mean lung attenuation (HU)",
@@ -66,7 +68,7 @@ def association(values: np.ndarray, labels: np.ndarray, permutations: int = PERM
 
 def _numeric(key: str, name: str, rows: Sequence[dict[str, Any]], labels: np.ndarray) -> dict[str, Any] | None:
     """epsilon^2, permutation p and per-cluster medians of one numeric descriptor, or None when too few scans hold it."""
-    raw = np.array([_float(r.get(key)) for r in rows])
+    raw = np.array([_as_float(r.get(key)) for r in rows], dtype=float)
     known = np.isfinite(raw)
     if known.sum() < 3 or len(np.unique(labels[known])) < 2:
         return None
@@ -79,22 +81,12 @@ def _numeric(key: str, name: str, rows: Sequence[dict[str, Any]], labels: np.nda
 def _categorical(key: str, name: str, rows: Sequence[dict[str, Any]], labels: np.ndarray,
                  k: int) -> dict[str, Any] | None:
     """Cramer's V, p-value and per-cluster commonest level of one categorical descriptor (clam associate's test)."""
-    from .associate import Column, analyse_column
-
     outcome = analyse_column(Column(key, "acquisition", [r.get(key) for r in rows], "categorical"), labels, k)
     if outcome.skipped or outcome.effect is None or outcome.p is None:
         return None
     commonest = {g["cluster"]: max(g["counts"], key=g["counts"].get) for g in outcome.groups if g["n"]}
     return {"descriptor": key, "name": name, "effect_name": outcome.effect_name, "effect": outcome.effect,
             "p": outcome.p, "n": outcome.n, "per_cluster": commonest}
-
-
-def _float(value: Any) -> float:
-    """A record value as a float (NaN when missing or not a number)."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def predictability(rows: Sequence[dict[str, Any]], labels: np.ndarray, seed: int = 0) -> dict[str, Any] | None:
@@ -106,7 +98,8 @@ def predictability(rows: Sequence[dict[str, Any]], labels: np.ndarray, seed: int
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    table = np.array([[_float(r.get(key)) for key in DESCRIPTORS] for r in rows]).reshape(len(rows), len(DESCRIPTORS))
+    table = np.array([[_as_float(r.get(key)) for key in DESCRIPTORS] for r in rows], dtype=float)
+    table = table.reshape(len(rows), len(DESCRIPTORS))
     usable = np.isfinite(table).all(0) & (np.ptp(np.where(np.isfinite(table), table, 0), axis=0) > 0)
     present, counts = np.unique(labels, return_counts=True)
     folds = min(PREDICT_FOLDS, int(counts.min())) if len(present) > 1 else 0

@@ -4,6 +4,7 @@ Clustering (labels are any integers; the number of predicted clusters may differ
 
 - :func:`cluster_accuracy`: share of subjects correctly assigned under the best one-to-one matching
   of predicted to true clusters (Hungarian algorithm); subjects in unmatched clusters count wrong.
+- :func:`correctly_assigned`: which subjects that matching puts in their true cluster.
 - :func:`clustering_scores`: accuracy, adjusted Rand index and normalised mutual information.
 
 Localisation of a map (``saliency``, any real values, 2D or 3D) against a ground-truth ``lesion``
@@ -37,6 +38,7 @@ from .errors import InputError
 
 __all__ = [
     "cluster_accuracy",
+    "correctly_assigned",
     "clustering_scores",
     "lesion_auc",
     "localisation_scores",
@@ -60,15 +62,22 @@ def _labels(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[np.ndarray, np.ndarra
     return t, p
 
 
-def cluster_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
-    """Accuracy under the best one-to-one matching of predicted to true clusters."""
+def correctly_assigned(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
+    """Boolean mask of the subjects in their true cluster under the best one-to-one matching of the clusters."""
     t, p = _labels(y_true, y_pred)
     _, ti = np.unique(t, return_inverse=True)
     _, pi = np.unique(p, return_inverse=True)
     counts = np.zeros((pi.max() + 1, ti.max() + 1), dtype=np.int64)
     np.add.at(counts, (pi, ti), 1)
     rows, cols = linear_sum_assignment(counts, maximize=True)
-    return float(counts[rows, cols].sum() / t.size)
+    matched = np.full(pi.max() + 1, -1)
+    matched[rows] = cols
+    return matched[pi] == ti
+
+
+def cluster_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Accuracy under the best one-to-one matching of predicted to true clusters."""
+    return float(correctly_assigned(y_true, y_pred).mean())
 
 
 def clustering_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote
 
+from . import cohort_table
 from .errors import CLAMError, InputError
 from .paths import inside, is_safe_id, safe_id
 from .pictures import THUMBNAILS
@@ -78,22 +79,16 @@ class Row:
 
 def read_assignments(maps: Path) -> tuple[int, list[Row]]:
     """k and the rows of a maps folder's assignments.csv; InputError naming what is wrong."""
-    path = maps / "assignments.csv"
-    if not path.is_file():
-        raise InputError(f"{maps} has no assignments.csv: give the --out folder of a finished `clam map` run")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        qs = [c for c in header if c.startswith("q") and c[1:].isdigit()]
-        if not {"id", "cluster", "status"} <= set(header) or not qs:
-            raise InputError(f"{path} lacks the columns id, cluster, q0.. and status: it is not `clam map` output")
-        rows = []
-        for r in reader:
-            ok = r["status"] == "ok" and r["cluster"] not in ("", None)
-            rows.append(Row(r["id"], r["status"], int(r["cluster"]) if ok else None,
-                            [float(r[c]) for c in qs] if ok else [], r.get("lung_volume_l") or "",
-                            r.get("reason") or ""))
-    return len(qs), rows
+    k, records = cohort_table.read_assignments(maps)
+    if k == 0:
+        raise InputError(f"{maps / 'assignments.csv'} has no q0.. columns: it is not `clam map` output")
+    rows = []
+    for r in records:
+        ok = r["status"] == "ok" and r["cluster"] not in ("", None)
+        rows.append(Row(r["id"], r["status"], int(r["cluster"]) if ok else None,
+                        [float(r[f"q{c}"]) for c in range(k)] if ok else [], r.get("lung_volume_l") or "",
+                        r.get("reason") or ""))
+    return k, rows
 
 
 def _name(scan_id: str) -> str:

@@ -50,18 +50,8 @@ def write_bad_scans(folder: Path, source: Path) -> dict[str, str]:
     for z in range(arr.shape[0]):
         if z == arr.shape[0] // 2:
             continue  # the missing slice
-        sl = sitk.GetImageFromArray(arr[z : z + 1].astype(np.int16))
-        sl.SetSpacing(src.GetSpacing())
-        pos = src.TransformIndexToPhysicalPoint((0, 0, z))
-        tags = {"0008|0060": "CT", "0020|000d": "1.2.3", "0020|000e": "1.2.3.4", "0020|0013": str(z + 1),
-                "0020|0032": "\\".join(f"{p:.3f}" for p in pos), "0020|0037": "1\\0\\0\\0\\1\\0",
-                "0018|0050": str(src.GetSpacing()[2]), "0028|1052": "0", "0028|1053": "1"}
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(series / f"s{z:03d}.dcm"))
-        writer.Execute(sl)
+        _write_slice(series / f"s{z:03d}.dcm", src, arr, z, {"0020|000d": "1.2.3", "0020|000e": "1.2.3.4",
+                                                              "0018|0050": str(src.GetSpacing()[2])})
     return {"broken": "cannot read", "slice2d": "2D", "nolungs": "no lungs", "gappy_dicom": "missing"}
 
 
@@ -71,18 +61,23 @@ def write_series(folder: Path, slices: list[tuple[str, str, int]], source: Path)
     src = sitk.ReadImage(str(source))
     arr = sitk.GetArrayFromImage(src)
     for n, (patient, uid, z) in enumerate(slices):
-        sl = sitk.GetImageFromArray(arr[z : z + 1].astype(np.int16))
-        sl.SetSpacing(src.GetSpacing())
-        pos = src.TransformIndexToPhysicalPoint((0, 0, z))
-        tags = {"0008|0060": "CT", "0010|0020": patient, "0020|000d": f"{uid}.1", "0020|000e": uid,
-                "0020|0013": str(z + 1), "0020|0032": "\\".join(f"{p:.3f}" for p in pos),
-                "0020|0037": "1\\0\\0\\0\\1\\0", "0028|1052": "0", "0028|1053": "1"}
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(folder / f"f{n:03d}.dcm"))
-        writer.Execute(sl)
+        _write_slice(folder / f"f{n:03d}.dcm", src, arr, z, {"0010|0020": patient, "0020|000d": f"{uid}.1",
+                                                             "0020|000e": uid})
+
+
+def _write_slice(path: Path, src: sitk.Image, arr: np.ndarray, z: int, tags: dict[str, str]) -> None:
+    """Slice z of `src` (array `arr`) as a CT DICOM file with its position, orientation and the given tags."""
+    sl = sitk.GetImageFromArray(arr[z : z + 1].astype(np.int16))
+    sl.SetSpacing(src.GetSpacing())
+    pos = src.TransformIndexToPhysicalPoint((0, 0, z))
+    common = {"0008|0060": "CT", "0020|0013": str(z + 1), "0020|0032": "\\".join(f"{p:.3f}" for p in pos),
+              "0020|0037": "1\\0\\0\\0\\1\\0", "0028|1052": "0", "0028|1053": "1"}
+    for tag, value in {**common, **tags}.items():
+        sl.SetMetaData(tag, value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    writer.Execute(sl)
 
 
 def write_broken_scans(folder: Path, source: Path) -> dict[str, str]:

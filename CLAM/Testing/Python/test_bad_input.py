@@ -167,30 +167,20 @@ def test_demo_subjects_are_checked_when_parsed(tmp_path: Path, capsys: pytest.Ca
 
 
 @pytest.mark.parametrize("command", ["map", "train"])
-def test_out_naming_a_file_is_one_line(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                       command: str) -> None:
-    target = tmp_path / "work" / "taken.txt"
-    target.parent.mkdir()
-    target.write_text("not a folder\n")
-    with Sandbox(tmp_path, [*cohort["good"], target]):
-        lead = [str(cohort["bundle"])] if command == "map" else []
-        rc = main([command, *lead, str(cohort["root"] / "good"), "--out", str(target), *TRAIN_ARGS[-4:]])
-    assert rc == 2
-    assert f"--out {target} is a file, not a folder; give a folder" in one_error(capsys.readouterr().err, command)
-
-
-@pytest.mark.parametrize("command", ["map", "train"])
-def test_out_below_a_file_is_one_line(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                      command: str) -> None:
-    blocker = tmp_path / "work" / "file"
+@pytest.mark.parametrize("below", [False, True], ids=["out-is-a-file", "out-below-a-file"])
+def test_out_blocked_by_a_file_is_one_line(cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           command: str, below: bool) -> None:
+    blocker = tmp_path / "work" / "taken.txt"
     blocker.parent.mkdir()
-    blocker.write_text("x")
+    blocker.write_text("not a folder\n")
+    out = blocker / "out" if below else blocker
     with Sandbox(tmp_path, [*cohort["good"], blocker]):
         lead = [str(cohort["bundle"])] if command == "map" else []
-        rc = main([command, *lead, str(cohort["root"] / "good"), "--out", str(blocker / "out"), *TRAIN_ARGS[-4:]])
+        rc = main([command, *lead, str(cohort["root"] / "good"), "--out", str(out), *TRAIN_ARGS[-4:]])
     assert rc == 2
-    line = one_error(capsys.readouterr().err, command)
-    assert f"cannot write into --out {blocker / 'out'} (Not a directory); choose a folder you can write to" in line
+    expected = (f"cannot write into --out {out} (Not a directory); choose a folder you can write to" if below
+                else f"--out {out} is a file, not a folder; give a folder")
+    assert expected in one_error(capsys.readouterr().err, command)
 
 
 @pytest.mark.parametrize("command", ["map", "train"])

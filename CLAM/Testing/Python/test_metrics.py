@@ -8,6 +8,7 @@ from CLAMLib.errors import InputError
 from CLAMLib.metrics import (
     cluster_accuracy,
     clustering_scores,
+    correctly_assigned,
     lesion_auc,
     localisation_scores,
     mass_in_lesion,
@@ -41,6 +42,15 @@ def test_accuracy_with_more_or_fewer_predicted_clusters() -> None:
     assert cluster_accuracy([0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 1, 1]) == pytest.approx(4 / 6)  # k = true - 1
     assert cluster_accuracy([0, 1, 0, 1], [0, 0, 0, 0]) == 0.5
     assert cluster_accuracy([0, 0, 1, 1], [1, 0, 0, 1]) == 0.5
+
+
+def test_correctly_assigned_names_the_subjects_outside_their_matched_cluster() -> None:
+    # predicted cluster 5 matches true "b", 3 matches "a"; the fifth subject is a "b" put with the "a"s
+    mask = correctly_assigned(["a", "a", "b", "b", "b"], [3, 3, 5, 5, 3])
+    assert mask.tolist() == [True, True, True, True, False]
+    # a predicted cluster left without a match counts wrong, as in cluster_accuracy
+    assert correctly_assigned([0, 0, 0, 1, 1, 1], [0, 0, 2, 1, 1, 1]).tolist() == [True, True, False, True, True, True]
+    assert correctly_assigned([0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 1, 1]).sum() == 4
 
 
 def test_clustering_label_errors() -> None:

@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from CLAMLib.estimator import load_bundle
 from CLAMLib.imageio import read_image, write_image
-from CLAMLib.metrics import clustering_scores, localisation_scores
+from CLAMLib.metrics import clustering_scores, correctly_assigned, localisation_scores
 from CLAMLib.simulate import SCENARIOS, make_cohort, make_phantom
 from real_anatomy import BASES, DATA, lesion_mask
 
@@ -102,6 +103,8 @@ def score(folder: Path, truth: dict[str, dict]) -> dict:
     r2 = json.loads((folder / "model" / "model.json").read_text()).get("training", {}).get("reconstruction_r2")
     return {"n": len(ids), "failed": len(truth) - len(ids), **clustering_scores(labels, assigned),
             "ari_patient": clustering_scores(patients, assigned)["ari"],
+            "misassigned": dict(Counter(f"{truth[i]['patient']} (cluster {truth[i]['label']})"
+                                        for i, right in zip(ids, correctly_assigned(labels, assigned)) if not right)),
             "cluster_sizes": np.bincount(assigned, minlength=model.k).tolist(),
             "reconstruction_r2": r2,
             **localisation_scores(maps, lesions, lungs, tolerance=tolerance)}

@@ -47,22 +47,27 @@ def features(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarra
     with open(folder / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     arrays = np.stack([model.prepare([read_image(folder / r["path"])])[0].array for r in rows])
-    x = as_batch(arrays, model.architecture)
-    encoder = model.net_.encoder.eval()
-    pool = F.adaptive_avg_pool3d if model.architecture.ndim == 3 else F.adaptive_avg_pool2d
+    labels = np.array([truth[r["id"]]["label"] for r in rows])
+    people = np.array([truth[r["id"]]["patient"] for r in rows])
+    return feature_sets(model.net_.encoder, as_batch(arrays, model.architecture)), labels, people, model.k
+
+
+def feature_sets(encoder: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The standardised feature sets of FEATURES of a batch x under an encoder ("zones" for 3D inputs only)."""
+    encoder.eval()
+    ndim = x.ndim - 2
+    pool = F.adaptive_avg_pool3d if ndim == 3 else F.adaptive_avg_pool2d
     with torch.no_grad():
         acts = torch.cat([encoder.features(x[i : i + 4]) for i in range(0, len(x), 4)])
         sets = {"embedding": encoder.embed(acts.flatten(1)), "pooled 1": pool(acts, 1).flatten(1),
                 "pooled 2": pool(acts, 2).flatten(1)}
-        if model.architecture.ndim == 3:  # grid axes z-y-x: halves of the first axis are the upper and lower zones
+        if ndim == 3:  # grid axes z-y-x: halves of the first axis are the upper and lower zones
             sets["zones"] = pool(acts, (2, 1, 1)).flatten(1)
     out = {}
     for name, values in sets.items():
         v = values.numpy().astype(np.float64)
         out[name] = (v - v.mean(0)) / np.maximum(v.std(0), 1e-8)
-    labels = np.array([truth[r["id"]]["label"] for r in rows])
-    people = np.array([truth[r["id"]]["patient"] for r in rows])
-    return out, labels, people, model.k
+    return out
 
 
 def probe(folder: Path) -> list[dict]:

@@ -8,8 +8,9 @@ pretrained from each seed with the bundle's architecture and `clam train`'s defa
 on each normalised embedding gives the partition that fine-tuning starts from. Printed per seed: accuracy, ARI
 against the true clusters and against the person, the silhouette, reconstruction R^2 and the people whose scans
 are misassigned; then what two ways of choosing among the seeds would give: the highest silhouette (what
-`--restarts` does) and the consensus (the seed whose partition agrees best, by ARI, with all the others). Writes
-the rows as JSON to --out.
+`--restarts` does) and the consensus (the seed whose partition agrees best, by ARI, with all the others). Also
+printed per seed: the accuracy of k-means on the zone-pooled activations of the same autoencoder (the "zones" of
+embedding_probe.py). Writes the rows as JSON to --out.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +35,7 @@ from CLAMLib.estimator import load_bundle
 from CLAMLib.imageio import read_image
 from CLAMLib.metrics import clustering_scores, correctly_assigned
 from CLAMLib.train import TrainConfig, Trainer, _normalise_latent, as_batch, choose_k, embed, reconstruction_r2
+from embedding_probe import feature_sets
 
 
 def seed_rows(folder: Path, seeds: list[int]) -> list[dict]:
@@ -56,11 +59,13 @@ def seed_rows(folder: Path, seeds: list[int]) -> list[dict]:
         k, table, fits = choose_k(zn, range(model.k, model.k + 1), seed)
         assigned = fits[k].labels_
         scores = clustering_scores(labels, assigned)
+        zones = KMeans(k, n_init=20, random_state=seed).fit(feature_sets(net.encoder, x)["zones"]).labels_
         wrong = ~correctly_assigned(labels, assigned)
         out.append({"cohort": folder.name, "seed": seed, **scores,
                     "ari_patient": clustering_scores(people, assigned)["ari"],
                     "silhouette": table[0]["silhouette"], "reconstruction_r2": reconstruction_r2(net, x, cpu),
                     "misassigned": dict(Counter(people[wrong].tolist())), "labels": assigned.tolist(),
+                    "zones_accuracy": clustering_scores(labels, zones)["accuracy"],
                     "seconds": time.perf_counter() - start})
         print(_line(out[-1]), flush=True)
     return out
@@ -69,7 +74,7 @@ def seed_rows(folder: Path, seeds: list[int]) -> list[dict]:
 def _line(r: dict) -> str:
     people = ", ".join(f"{name} ({n})" for name, n in sorted(r["misassigned"].items())) or "none"
     return (f"| {r['cohort']} | {r['seed']} | {r['accuracy']:.3f} | {r['ari']:.3f} | {r['ari_patient']:.3f} | "
-            f"{r['silhouette']:.3f} | {r['reconstruction_r2']:.2f} | {people} |")
+            f"{r['silhouette']:.3f} | {r['reconstruction_r2']:.2f} | {people} | {r['zones_accuracy']:.3f} |")
 
 
 def choices(rows: list[dict]) -> dict:
@@ -89,8 +94,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102, 103])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "seed_variance.json")
     args = parser.parse_args()
-    print("| cohort | seed | accuracy | ARI | ARI vs person | silhouette | R^2 | misassigned people (scans) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| cohort | seed | accuracy | ARI | ARI vs person | silhouette | R^2 | misassigned people (scans) "
+          "| zones: accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     per_cohort = [seed_rows(folder, args.seeds) for folder in args.folders]
     summary = [choices(rows) for rows in per_cohort]
     print("\n| cohort | seeds | seeds at accuracy 1 | highest silhouette: seed, accuracy | consensus: seed, accuracy |")

@@ -32,7 +32,7 @@ from sklearn.cluster import KMeans
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "CLAM"))
 
-from CLAMLib.estimator import load_bundle
+from CLAMLib.estimator import CLAMModel, load_bundle
 from CLAMLib.imageio import read_image
 from CLAMLib.metrics import clustering_scores
 from CLAMLib.train import as_batch
@@ -40,8 +40,9 @@ from CLAMLib.train import as_batch
 FEATURES = ("embedding", "pooled 1", "pooled 2", "zones")
 
 
-def features(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
-    """Standardised feature sets of every scan, true labels, people and k of the cohort in `folder`."""
+def read_cohort(folder: Path) -> tuple[CLAMModel, np.ndarray, np.ndarray, np.ndarray]:
+    """The trained bundle of a multi-patient cohort folder, its scans prepared by it (in manifest order), their true
+    labels and their people."""
     model = load_bundle(folder / "model", device="cpu")
     truth = json.loads((folder / "truth.json").read_text())
     with open(folder / "manifest.csv", newline="") as f:
@@ -49,6 +50,12 @@ def features(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarra
     arrays = np.stack([model.prepare([read_image(folder / r["path"])])[0].array for r in rows])
     labels = np.array([truth[r["id"]]["label"] for r in rows])
     people = np.array([truth[r["id"]]["patient"] for r in rows])
+    return model, arrays, labels, people
+
+
+def features(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
+    """Standardised feature sets of every scan, true labels, people and k of the cohort in `folder`."""
+    model, arrays, labels, people = read_cohort(folder)
     return feature_sets(model.net_.encoder, as_batch(arrays, model.architecture)), labels, people, model.k
 
 

@@ -16,7 +16,6 @@ embedding_probe.py). Writes the rows as JSON to --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -31,23 +30,14 @@ from sklearn.metrics import adjusted_rand_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "CLAM"))
 
-from CLAMLib.estimator import load_bundle
-from CLAMLib.imageio import read_image
 from CLAMLib.metrics import clustering_scores, correctly_assigned
 from CLAMLib.train import TrainConfig, Trainer, _normalise_latent, as_batch, choose_k, embed, reconstruction_r2
-from embedding_probe import feature_sets
+from embedding_probe import feature_sets, read_cohort
 
 
 def seed_rows(folder: Path, seeds: list[int]) -> list[dict]:
     """One row per seed: the k-means start's scores on the cohort in `folder`."""
-    model = load_bundle(folder / "model", device="cpu")
-    truth = json.loads((folder / "truth.json").read_text())
-    with open(folder / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    ids = [r["id"] for r in rows]
-    arrays = np.stack([model.prepare([read_image(folder / r["path"])])[0].array for r in rows])
-    labels = np.array([truth[i]["label"] for i in ids])
-    people = np.array([truth[i]["patient"] for i in ids])
+    model, arrays, labels, people = read_cohort(folder)
     x, cpu = as_batch(arrays, model.architecture), torch.device("cpu")
     out = []
     for seed in seeds:

@@ -10,7 +10,9 @@ runs on four feature sets of the same network, each dimension standardised:
 - ``pooled 1``: the last encoder block's activations averaged over the whole volume (one value per filter);
 - ``pooled 2``: the same activations averaged over each of the 2^d octants of the model grid;
 - ``zones``: the same activations averaged over the upper and the lower half of the grid (3D models only), so that
-  a finding counts by its cranio-caudal zone, wherever it lies within the zone's slices.
+  a finding counts by its cranio-caudal zone, wherever it lies within the zone's slices;
+- ``dense+zones``: the embedding and the zones side by side, each part divided by the square root of its
+  dimensions so that both weigh the same (what `clam train`'s default head reads for 3D scans).
 
 Printed per cohort and feature set: accuracy, ARI against the true clusters and against the person. Nothing is
 trained; the bundles are read as they are. Writes the rows as JSON to --out.
@@ -37,7 +39,7 @@ from CLAMLib.imageio import read_image
 from CLAMLib.metrics import clustering_scores
 from CLAMLib.train import as_batch
 
-FEATURES = ("embedding", "pooled 1", "pooled 2", "zones")
+FEATURES = ("embedding", "pooled 1", "pooled 2", "zones", "dense+zones")
 
 
 def read_cohort(folder: Path) -> tuple[CLAMModel, np.ndarray, np.ndarray, np.ndarray]:
@@ -60,7 +62,7 @@ def features(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarra
 
 
 def feature_sets(encoder: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """The standardised feature sets of FEATURES of a batch x under an encoder ("zones" for 3D inputs only)."""
+    """The standardised feature sets of FEATURES of a batch x under an encoder (zones ones for 3D inputs only)."""
     encoder.eval()
     ndim = x.ndim - 2
     pool = F.adaptive_avg_pool3d if ndim == 3 else F.adaptive_avg_pool2d
@@ -74,6 +76,8 @@ def feature_sets(encoder: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndar
     for name, values in sets.items():
         v = values.numpy().astype(np.float64)
         out[name] = (v - v.mean(0)) / np.maximum(v.std(0), 1e-8)
+    if "zones" in out:
+        out["dense+zones"] = np.hstack([out[n] / np.sqrt(out[n].shape[1]) for n in ("embedding", "zones")])
     return out
 
 

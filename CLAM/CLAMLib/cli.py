@@ -25,6 +25,10 @@ LUNG_CLOSING = 20.0
 SMOOTH_HELP = ("sigma, in model-grid voxels, of a fixed Gaussian in front of the encoder, so that findings a few "
                "voxels apart between scans of a cluster still count as alike; maps stay on the unsmoothed input "
                "(default: grid / 16, e.g. 4 at grid 64; 0 is off, as in the paper)")
+HEAD_HELP = ("what the clustering head reads: dense (the paper's dense embedding, which tells findings apart by where "
+             "they lie), zones (the last block's activations averaged over the upper and the lower half of the scan, "
+             "so a finding counts by its zone wherever it lies in it) or dense+zones (both, equally weighted) "
+             "(default: dense+zones for 3D scans, dense for 2D images)")
 
 DESCRIPTION = """\
 CLAM clusters chest CT scans with a deep convolutional autoencoder (DCEC) and shows which image
@@ -162,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(default: 32 for speed; the paper used 88)")
     demo.add_argument("--epochs", type=_whole(1), default=None, help="autoencoder pretraining epochs (default: 60)")
     demo.add_argument("--smooth", type=_not_negative, default=None, help=SMOOTH_HELP)
+    demo.add_argument("--head", choices=["dense+zones", "zones", "dense"], default=None, help=HEAD_HELP)
     demo.add_argument("--restarts", type=_whole(1), default=RESTARTS,
                       help=f"autoencoders pretrained from successive seeds; the one whose k-means clusters separate "
                            f"best (silhouette) is fine-tuned (default: {RESTARTS})")
@@ -206,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_representation(train)
     train.add_argument("--epochs", type=_whole(1), default=60, help="autoencoder pretraining epochs (default: 60)")
     train.add_argument("--smooth", type=_not_negative, default=None, help=SMOOTH_HELP)
+    train.add_argument("--head", choices=["dense+zones", "zones", "dense"], default=None, help=HEAD_HELP)
     train.add_argument("--restarts", type=_whole(1), default=RESTARTS,
                        help=f"autoencoders pretrained from successive seeds; the one whose k-means clusters separate "
                             f"best (silhouette) is fine-tuned (default: {RESTARTS}; each adds one pretraining)")
@@ -373,7 +379,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import device_for, from_env, shutdown
     from .estimator import CLAMModel
     from .imageio import remove_partial
-    from .model import Architecture, default_smooth
+    from .model import Architecture, default_head, default_smooth
     from .preprocess import PreprocessConfig
     from .qc import training_report
     from .train import TrainConfig, resolve_device
@@ -408,7 +414,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                               pretrain_epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                               batch_size=args.batch_size, seed=args.seed, device=device),
             architecture=Architecture(ndim=ndim, grid=args.grid, in_channels=config.channels,
-                                      smooth=default_smooth(args.grid) if args.smooth is None else args.smooth),
+                                      smooth=default_smooth(args.grid) if args.smooth is None else args.smooth,
+                                      head=args.head or default_head(ndim)),
             verbose=not quiet)
         model.preprocessor_ = preprocessor
         progress = _progress_printer(args.progress_json) if ctx.main and not args.quiet else None

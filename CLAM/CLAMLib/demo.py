@@ -20,7 +20,7 @@ from .estimator import CLAMModel
 from .explain import DEFAULT_METHOD, METHODS, ExplainContext, explain, normalise_map
 from .imageio import atomic_path, read_image, write_image
 from .metrics import clustering_scores, localisation_scores
-from .model import Architecture, ClusterNet, default_smooth
+from .model import Architecture, ClusterNet, default_head, default_smooth
 from .preprocess import Prepared, PreprocessConfig, Preprocessor
 from .simulate import Cohort, ScenarioParams, make_cohort
 from .train import TrainConfig, Trainer, as_batch
@@ -72,7 +72,8 @@ def _smooth(args: argparse.Namespace) -> float:
 def _arch(args: argparse.Namespace) -> Architecture:
     """The demo's network architecture, with as many input channels as the representation gives."""
     channels = _preprocess_config(args, "none").channels
-    return Architecture(ndim=3, grid=args.grid, in_channels=channels, smooth=_smooth(args))
+    return Architecture(ndim=3, grid=args.grid, in_channels=channels, smooth=_smooth(args),
+                        head=args.head or default_head(3))
 
 
 def _shown(arrays: np.ndarray) -> np.ndarray:
@@ -256,7 +257,7 @@ def _markdown(results: dict[str, Any]) -> str:
         "# CLAM simulation study",
         "",
         f"Grid {s['grid']}^3, {s['subjects_per_cluster']} subjects per cluster, true k = {TRUE_K}, seed {s['seed']}, "
-        f"anatomy variation {s['anatomy_variation']:g}, input smoothing sigma {s['smooth']:g} voxels, {s['restarts']} autoencoder "
+        f"anatomy variation {s['anatomy_variation']:g}, input smoothing sigma {s['smooth']:g} voxels, {s.get('head', 'dense')} clustering head, {s['restarts']} autoencoder "
         f"restarts, registration {s['register']}; {s['seconds']:.0f} s on {s['machine']}.",
         "Subjects: " + (f"deformed copies of the real CT {s['base']} with inserted lesions"
                         + (f" (its own lesion, {s['base_lesion']}, replaced by lung)." if s.get("base_lesion") else ".")
@@ -324,7 +325,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "anatomy_variation": args.anatomy_variation, "base": str(args.base) if args.base else None,
         "base_lesion": str(args.base_lesion) if args.base and args.base_lesion else None,
         "scenarios": scenarios, "k_values": ks, "true_k": TRUE_K, "restarts": args.restarts,
-        "smooth": _smooth(args), "register": args.register, "lung_closing_mm": args.lung_closing,
+        "smooth": _smooth(args), "head": _arch(args).head, "register": args.register, "lung_closing_mm": args.lung_closing,
         "representation": args.representation, "vessel_mm": args.vessel_mm,
         "default_method": DEFAULT_METHOD, "tolerance": args.grid // Architecture(grid=args.grid).feature_grid,
         "seconds": time.perf_counter() - start, "machine": f"{platform.machine()} {platform.system()}, "

@@ -13,7 +13,7 @@ import torch
 from . import bundle as _bundle
 from .errors import InputError
 from .explain import ExplainContext, explain, normalise_map, resolve_method
-from .model import Architecture, ClusterNet, default_smooth
+from .model import Architecture, ClusterNet, default_head, default_smooth
 from .preprocess import Prepared, PreprocessConfig, Preprocessor
 from .train import Progress, TrainConfig, Trainer, TrainSummary, as_batch, resolve_device
 
@@ -40,7 +40,7 @@ class CLAMModel:
         if architecture is None:
             pre = preprocess or PreprocessConfig(grid=grid, ndim=ndim)
             architecture = Architecture(ndim=pre.ndim, grid=pre.grid, in_channels=pre.channels,
-                                        smooth=default_smooth(pre.grid))
+                                        smooth=default_smooth(pre.grid), head=default_head(pre.ndim))
         self.architecture = architecture
         self.preprocess = preprocess or PreprocessConfig(
             grid=architecture.grid, ndim=architecture.ndim,

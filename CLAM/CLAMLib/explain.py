@@ -186,7 +186,7 @@ def _after_first_step(net: ClusterNet, h: torch.Tensor) -> torch.Tensor:
     a = net.encoder.blocks[0][1:](h)
     for block in net.encoder.blocks[1:]:
         a = block(a)
-    return net.head(net.encoder.embed(a.flatten(1)))
+    return net.soft_assign_features(a)
 
 
 def ig_attribution(net: ClusterNet, x: torch.Tensor, base: Union[torch.Tensor, Sequence[torch.Tensor]],

@@ -11,6 +11,12 @@ from torch import nn
 from .errors import InputError
 
 SMOOTH_PER_GRID = 16
+HEADS = ("dense", "zones", "dense+zones")
+
+
+def default_head(ndim: int) -> str:
+    """Clustering head used unless one is asked for: "dense+zones" for 3D models, the paper's "dense" for 2D ones."""
+    return "dense+zones" if ndim == 3 else "dense"
 
 
 def default_smooth(grid: int) -> float:
@@ -36,9 +42,12 @@ class Architecture:
     negative_slope: float = 0.1
     in_channels: int = 1
     smooth: float = 0.0
+    head: str = "dense"
 
     def __post_init__(self) -> None:
         self.filters = tuple(int(f) for f in self.filters)
+        if self.head not in HEADS:
+            raise InputError(f"head must be one of {', '.join(HEADS)}, not {self.head!r}.")
         if not (math.isfinite(self.smooth) and self.smooth >= 0):
             raise InputError(f"smooth must be 0 (off) or a Gaussian sigma in grid voxels, not {self.smooth}.")
         if self.ndim not in (2, 3):
@@ -59,6 +68,17 @@ class Architecture:
     def feature_grid(self) -> int:
         """Side of the last encoder block's activation grid."""
         return self.grid // self.stride ** len(self.filters)
+
+    @property
+    def head_blocks(self) -> tuple[int, ...]:
+        """Sizes of the parts of what the clustering head reads (the embedding, the zone means), in order."""
+        return {"dense": (self.embedding,), "zones": (2 * self.filters[-1],),
+                "dense+zones": (self.embedding, 2 * self.filters[-1])}[self.head]
+
+    @property
+    def head_inputs(self) -> int:
+        """Number of values the clustering head reads per image."""
+        return sum(self.head_blocks)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -192,17 +212,27 @@ class ClusterNet(nn.Module):
         self.arch, self.k = arch, k
         self.encoder = Encoder(arch)
         self.decoder = Decoder(arch)
-        self.head = ClusterHead(k, arch.embedding)
+        self.head = ClusterHead(k, arch.head_inputs)
+
+    def head_input(self, a: torch.Tensor) -> torch.Tensor:
+        """What the clustering head reads, from last-block activations: the embedding, the zone means, or both."""
+        parts = []
+        if self.arch.head in ("dense", "dense+zones"):
+            parts.append(self.encoder.embed(a.flatten(1)))
+        if self.arch.head in ("zones", "dense+zones"):
+            pool = nn.functional.adaptive_avg_pool3d if a.ndim == 5 else nn.functional.adaptive_avg_pool2d
+            parts.append(pool(a, (2,) + (1,) * (a.ndim - 3)).flatten(1))
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft assignment and reconstruction of a batch."""
-        z = self.encoder(x)
-        return self.head(z), self.decoder(z)
+        a = self.encoder.features(x)
+        return self.head(self.head_input(a)), self.decoder(self.encoder.embed(a.flatten(1)))
 
     def soft_assign(self, x: torch.Tensor) -> torch.Tensor:
         """Soft assignment q of a batch of images."""
-        return self.head(self.encoder(x))
+        return self.soft_assign_features(self.encoder.features(x))
 
     def soft_assign_features(self, a: torch.Tensor) -> torch.Tensor:
         """Soft assignment q from last-block activations."""
-        return self.head(self.encoder.embed(a.flatten(1)))
+        return self.head(self.head_input(a))

@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .imageio import atomic_path
+from .metrics import correctly_assigned
 
 WINDOW = (-1000.0, 400.0)  # HU shown in QC pictures (lung to soft tissue)
 
@@ -120,6 +121,7 @@ def training_report(summary: Any, folder: str | Path, scans: Sequence[dict] = ()
     lines = ["# CLAM training report", "", f"- scans: {s.get('n_subjects')}, k: {s.get('k')}, device: {s.get('device')}",
              f"- cluster sizes: {sizes}", (f"- silhouette after k-means {_fmt(s.get('silhouette_kmeans'))}, final "
              f"{_fmt(s.get('silhouette_final'))}; fine-tuning {'kept' if s.get('finetune_kept') else 'rolled back'}"),
+             *_head_lines(s),
              (f"- autoencoder: reconstructs {_fmt(s.get('reconstruction_r2'))} of how the scans differ from their "
               "mean (R^2; near 0 means it learnt little beyond the mean scan)"),
              f"- training time: {_fmt(s.get('seconds'))} s", "", "## k selection (highest silhouette)", "",
@@ -137,6 +139,18 @@ def training_report(summary: Any, folder: str | Path, scans: Sequence[dict] = ()
     with atomic_path(out / "report.json") as tmp:
         Path(tmp).write_text(json.dumps({"training": s, "scans": list(scans), "diagnosis": diagnosis}, indent=1) + "\n")
     return out
+
+
+def _head_lines(s: dict) -> list[str]:
+    """What the clustering head read, and how many scans the zones head moved from the fine-tuned dense clusters."""
+    if s.get("head", "dense") == "dense":
+        return ["- clustering head: dense embedding (the paper's)"]
+    dense, final = s.get("dense_labels") or [], s.get("labels") or []
+    moved = ""
+    if dense and len(dense) == len(final):
+        moved = (f"; {int(np.sum(~correctly_assigned(np.asarray(dense), np.asarray(final))))} scans are in another "
+                 "cluster than the dense head's")
+    return [f"- clustering head: {s['head']} (silhouette {_fmt(s.get('silhouette_head'))}){moved}"]
 
 
 def _diagnosis_lines(diagnosis: dict) -> list[str]:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -78,6 +78,9 @@ class TrainSummary:
     kmeans_labels: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     cluster_sizes: list[int] = field(default_factory=list)
+    head: str = "dense"
+    dense_labels: list[int] = field(default_factory=list)  # of the fine-tuned dense head, before another head
+    silhouette_head: float = float("nan")  # of the final labels, in what another head reads
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -168,14 +171,17 @@ def _silhouette(z: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _normalise_latent(net: ClusterNet, z: torch.Tensor) -> torch.Tensor:
-    """Set the head's centre and scale from the cohort's embeddings; return the normalised embeddings.
+    """Set the head's centre and scale from the cohort's head inputs; return the normalised inputs.
 
-    Each dimension is standardised, then all are divided by sqrt(dimensions) so that the cohort's mean squared
-    norm is 1: no single dimension dominates k-means, and Student-t distances stay of order 1 (without that,
+    Each dimension is standardised, then each part the head reads (the embedding, the zone means) is divided by
+    sqrt(its dimensions * number of parts), so that the cohort's mean squared norm is 1 and every part weighs the
+    same: no single dimension or part dominates k-means, and Student-t distances stay of order 1 (without that,
     soft assignments sit near 1/k and DCEC fine-tuning collapses into one cluster).
     """
+    blocks = net.arch.head_blocks
+    weight = torch.cat([torch.full((b,), float(b * len(blocks)) ** 0.5) for b in blocks]).to(z.device)
     center = z.mean(0)
-    scale = ((z - center).pow(2).mean(0).sqrt() * z.shape[1] ** 0.5).clamp_min(1e-8)
+    scale = ((z - center).pow(2).mean(0).sqrt() * weight).clamp_min(1e-8)
     net.head.center.copy_(center.to(net.head.center.device))
     net.head.scale.copy_(scale.to(net.head.scale.device))
     return (z - center) / scale
@@ -335,6 +341,7 @@ class Trainer:
                  verbose: bool = True, checkpoint: Optional[Union[str, Path]] = None, resume: bool = False,
                  dist: Optional[DistContext] = None) -> None:
         self.arch, self.config, self.progress, self.verbose = arch, config, progress, verbose
+        self._dense = replace(arch, head="dense")  # pretraining and DCEC fine-tuning run on the dense embedding
         self.device = resolve_device(config.device)
         self.dist = dist or SINGLE
         self.checkpoint = Checkpoint(checkpoint) if checkpoint is not None else None
@@ -487,7 +494,7 @@ class Trainer:
         """Pretrain one autoencoder from seed + restart."""
         seed = self.config.seed + restart
         gen = seed_everything(seed)
-        net = ClusterNet(self.arch, k).to(self.device)
+        net = ClusterNet(self._dense, k).to(self.device)
         return Pretrained(net, self.pretrain(net, x, gen), seed)
 
     def _scored(self, candidate: Pretrained, x: torch.Tensor, k_values: range) -> dict[str, Any]:
@@ -519,7 +526,7 @@ class Trainer:
             first, rows = int(meta["restart"]), list(meta["restarts"])
             if rows:
                 kept = next(r for r in rows if r["best"])
-                net = ClusterNet(self.arch, max(k_values)).to(self.device)
+                net = ClusterNet(self._dense, max(k_values)).to(self.device)
                 net.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("best.")})
                 best = self._scored(Pretrained(net, list(meta["best_loss"]), kept["seed"]), x, k_values)
         total = len(given) if given is not None else self._restarts()
@@ -541,6 +548,22 @@ class Trainer:
             for row in rows:
                 row["best"] = row["seed"] == best["candidate"].seed
         return best, rows
+
+    @torch.no_grad()
+    def _fit_head(self, dense: ClusterNet, x: torch.Tensor, k: int, seed: int) -> tuple[ClusterNet, np.ndarray, float]:
+        """The trained autoencoder with this architecture's head (zones, dense+zones), fitted by k-means on what it reads."""
+        self._report(0.99, "head", f"k-means on the {self.arch.head} head's inputs")
+        net = ClusterNet(self.arch, k).to(self.device)
+        net.load_state_dict({n: t for n, t in dense.state_dict().items() if not n.startswith("head.")}, strict=False)
+        net.eval()
+        h = torch.cat([net.head_input(net.encoder.features(x[i : i + 32].to(self.device))).cpu()
+                       for i in range(0, len(x), 32)])
+        hn = _normalise_latent(net, h.to(self.device)).cpu().numpy()
+        km = KMeans(n_clusters=k, n_init=20, random_state=seed).fit(hn) if k > 1 else None
+        if km is not None:
+            net.head.centroids.copy_(torch.as_tensor(km.cluster_centers_, dtype=torch.float32))
+        labels = net.head(h.to(self.device)).argmax(1).cpu().numpy()
+        return net.eval(), labels, _silhouette(hn, labels)
 
     def fit(self, arrays: np.ndarray, pretrained: Optional[list[Pretrained]] = None) -> tuple[ClusterNet, TrainSummary]:
         """Train on an array (N, *grid) of preprocessed images; pass pretrained autoencoders to skip pretraining."""
@@ -566,7 +589,7 @@ class Trainer:
             km_labels, sil_start = np.asarray(meta["kmeans_labels"]), float(meta["silhouette_kmeans"])
             restarts, seed = meta["restarts"], int(meta["seed"])
             start_state = {k_[6:]: v.clone() for k_, v in tensors.items() if k_.startswith("start.")}
-            final = ClusterNet(self.arch, k).to(self.device)
+            final = ClusterNet(self._dense, k).to(self.device)
             self._stage_meta = {key: meta[key] for key in ("pretrain_loss", "k_table", "kmeans_labels",
                                                             "silhouette_kmeans", "restarts", "seed")}
             self._stage_tensors = {f"start.{k_}": v for k_, v in start_state.items()}
@@ -576,7 +599,7 @@ class Trainer:
             net, pretrain_loss, seed = best["candidate"].net, best["candidate"].loss, best["candidate"].seed
             k, table, km = best["k"], best["table"], best["kmeans"]
             km_labels = km.labels_
-            final = ClusterNet(self.arch, k).to(self.device)
+            final = ClusterNet(self._dense, k).to(self.device)
             state = {name: t for name, t in net.state_dict().items() if not name.startswith("head.centroids")}
             final.load_state_dict(state, strict=False)
             with torch.no_grad():
@@ -591,7 +614,7 @@ class Trainer:
         # judge both partitions in the k-means start's embedding: fine-tuning sharpens whatever clusters it drifts
         # to, so its own embedding would always flatter it; in the start's, drifting away from the data's
         # structure shows as a lower silhouette and the k-means start is kept
-        start_net = ClusterNet(self.arch, k).to(self.device)
+        start_net = ClusterNet(self._dense, k).to(self.device)
         start_net.load_state_dict(start_state)
         zn_start = start_net.head.normalise(embed(start_net, x, self.device).to(self.device)).detach().cpu().numpy()
         sil_end = _silhouette(zn_start, labels)
@@ -599,12 +622,16 @@ class Trainer:
         if not kept:
             final.load_state_dict(start_state)
             labels = km_labels.copy()
+        dense_labels, sil_head = labels, float("nan")
+        if self.arch.head != "dense":
+            final, labels, sil_head = self._fit_head(final, x, k, seed)
         r2 = float(next(r for r in restarts if r["best"]).get("reconstruction_r2", float("nan")))
         summary = TrainSummary(
             k=k, n_subjects=n, device=str(self.device), pretrain_loss=pretrain_loss, finetune_loss=finetune_loss,
             k_table=table, restarts=restarts, silhouette_kmeans=sil_start, silhouette_final=sil_end if kept else sil_start,
             reconstruction_r2=r2, finetune_kept=kept, kmeans_labels=km_labels.tolist(), labels=[int(v) for v in labels],
-            cluster_sizes=np.bincount(labels, minlength=k).tolist(), seconds=time.perf_counter() - start,
+            cluster_sizes=np.bincount(labels, minlength=k).tolist(), head=self.arch.head,
+            dense_labels=[int(v) for v in dense_labels], silhouette_head=sil_head, seconds=time.perf_counter() - start,
         )
         self._report(1.0, "done", f"k={k}, cluster sizes {summary.cluster_sizes}")
         return final.eval(), summary

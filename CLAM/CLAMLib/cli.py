@@ -29,6 +29,8 @@ HEAD_HELP = ("what the clustering head reads: dense (the paper's dense embedding
              "they lie), zones (the last block's activations averaged over the upper and the lower half of the scan, "
              "so a finding counts by its zone wherever it lies in it) or dense+zones (both, equally weighted) "
              "(default: dense+zones for 3D scans, dense for 2D images)")
+HEAD_CHOICES = ["dense+zones", "zones", "dense"]
+"""--head values, as model.HEADS (spelt out here so that the parser does not import torch)."""
 
 DESCRIPTION = """\
 CLAM clusters chest CT scans with a deep convolutional autoencoder (DCEC) and shows which image
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(default: 32 for speed; the paper used 88)")
     demo.add_argument("--epochs", type=_whole(1), default=None, help="autoencoder pretraining epochs (default: 60)")
     demo.add_argument("--smooth", type=_not_negative, default=None, help=SMOOTH_HELP)
-    demo.add_argument("--head", choices=["dense+zones", "zones", "dense"], default=None, help=HEAD_HELP)
+    demo.add_argument("--head", choices=HEAD_CHOICES, default=None, help=HEAD_HELP)
     demo.add_argument("--restarts", type=_whole(1), default=RESTARTS,
                       help=f"autoencoders pretrained from successive seeds; the one whose k-means clusters separate "
                            f"best (silhouette) is fine-tuned (default: {RESTARTS})")
@@ -211,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_representation(train)
     train.add_argument("--epochs", type=_whole(1), default=60, help="autoencoder pretraining epochs (default: 60)")
     train.add_argument("--smooth", type=_not_negative, default=None, help=SMOOTH_HELP)
-    train.add_argument("--head", choices=["dense+zones", "zones", "dense"], default=None, help=HEAD_HELP)
+    train.add_argument("--head", choices=HEAD_CHOICES, default=None, help=HEAD_HELP)
     train.add_argument("--restarts", type=_whole(1), default=RESTARTS,
                        help=f"autoencoders pretrained from successive seeds; the one whose k-means clusters separate "
                             f"best (silhouette) is fine-tuned (default: {RESTARTS}; each adds one pretraining)")

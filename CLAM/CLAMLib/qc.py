@@ -142,7 +142,7 @@ def training_report(summary: Any, folder: str | Path, scans: Sequence[dict] = ()
 
 
 def _head_lines(s: dict) -> list[str]:
-    """What the clustering head read, and how many scans the zones head moved from the fine-tuned dense clusters."""
+    """What the clustering head read, and how many scans it moved from the fine-tuned dense head's clusters."""
     if s.get("head", "dense") == "dense":
         return ["- clustering head: dense embedding (the paper's)"]
     dense, final = s.get("dense_labels") or [], s.get("labels") or []

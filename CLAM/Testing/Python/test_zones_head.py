@@ -4,11 +4,12 @@ and that training, bundles, reports and maps carry them."""
 import numpy as np
 import pytest
 import torch
+from CLAMLib.cli import HEAD_CHOICES
 from CLAMLib.errors import InputError
 from CLAMLib.estimator import CLAMModel, load_bundle
 from CLAMLib.explain import ig_attribution
 from CLAMLib.metrics import cluster_accuracy
-from CLAMLib.model import Architecture, ClusterNet, default_head
+from CLAMLib.model import HEADS, Architecture, ClusterNet, default_head
 from CLAMLib.preprocess import PreprocessConfig
 from CLAMLib.qc import training_report
 from CLAMLib.simulate import make_cohort
@@ -25,6 +26,7 @@ def test_unknown_head_is_refused_with_the_choices() -> None:
 
 
 def test_defaults_and_old_bundles() -> None:
+    assert sorted(HEAD_CHOICES) == sorted(HEADS)  # the command line offers every head the model has
     assert default_head(3) == "dense+zones" and default_head(2) == "dense"
     assert Architecture().head == "dense"  # the paper's
     old = {k: v for k, v in Architecture().to_dict().items() if k != "head"}  # a bundle written before heads

@@ -32,15 +32,25 @@ FORMAT = 1
 SUFFIX = ".safetensors"
 
 
-def _code_hash() -> str:
-    """SHA-256 of the sources of the preprocessing module and of this package's modules it uses."""
+def _code_modules() -> list[str]:
+    """The preprocessing module and this package's modules it uses, directly or through one another."""
     package = __name__.rpartition(".")[0]
-    names = {preprocess.__name__}
-    for value in vars(preprocess).values():
-        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
-        if isinstance(name, str) and name.startswith(package + "."):
-            names.add(name)
-    return sha256_json({name: sha256_file(sys.modules[name].__file__) for name in sorted(names)})
+    names, todo = set(), [preprocess.__name__]
+    while todo:
+        module = todo.pop()
+        if module in names:
+            continue
+        names.add(module)
+        for value in vars(sys.modules[module]).values():
+            name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            if isinstance(name, str) and name.startswith(package + ".") and name in sys.modules:
+                todo.append(name)
+    return sorted(names)
+
+
+def _code_hash() -> str:
+    """SHA-256 of the sources of _code_modules."""
+    return sha256_json({name: sha256_file(sys.modules[name].__file__) for name in _code_modules()})
 
 
 _CODE = _code_hash()

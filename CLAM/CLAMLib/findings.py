@@ -23,6 +23,8 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
+from .morphology import grey_closing, grey_opening
+
 CHANNELS = ("low attenuation", "ground glass", "solid")
 VESSEL_MM = 5.0  # radius of the ball that removes vessels: bright structures up to about 2 x 5 mm wide
 NORMAL_BAND_HU = 50.0  # departures from the lung's own level within this band count as normal
@@ -56,8 +58,10 @@ def parenchyma_level(hu: np.ndarray, lung: np.ndarray, sides: np.ndarray) -> np.
             if keep.sum() < design.shape[1] * 10:
                 break
             fit, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
-        full = np.column_stack([np.ones(lung.size)] + [c.ravel() - m for c, m in zip(coords, centre)]) @ fit
-        level[sides == side] = full.reshape(hu.shape)[sides == side]
+        full = np.full(hu.shape, fit[0])  # the fitted plane over the whole region, axis by axis
+        for axis, (size, mean, slope) in enumerate(zip(hu.shape, centre, fit[1:])):
+            full += ((np.arange(size) - mean) * slope).reshape([-1 if a == axis else 1 for a in range(hu.ndim)])
+        level[sides == side] = full[sides == side]
     return level
 
 
@@ -69,10 +73,7 @@ def findings(hu: sitk.Image, lung: np.ndarray, sides: np.ndarray, vessel_mm: flo
     values[~lung] = np.median(values[lung])
     radius = ball_radius(hu.GetSpacing(), vessel_mm)
     if max(radius) > 0:
-        image = sitk.GetImageFromArray(values)
-        image = sitk.GrayscaleMorphologicalOpening(image, radius, sitk.sitkBall)
-        image = sitk.GrayscaleMorphologicalClosing(image, radius, sitk.sitkBall)
-        values = sitk.GetArrayFromImage(image)
+        values = grey_closing(grey_opening(values, radius), radius)
     departure = values - parenchyma_level(values, lung, sides)
     low = np.clip(-departure - NORMAL_BAND_HU, 0, None)
     high = np.clip(departure - NORMAL_BAND_HU, 0, None)

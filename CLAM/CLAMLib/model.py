@@ -124,9 +124,23 @@ class GaussianSmoothing(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The smoothed batch (N, C, *grid)."""
+        return self._along_axes(x, self.matrix.T)
+
+    def adjoint(self, g: torch.Tensor) -> torch.Tensor:
+        """The transpose of this smoothing applied to a batch: carries gradients back through it."""
+        return self._along_axes(g, self.matrix)
+
+    def _along_axes(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """x times `matrix` along each spatial axis, as batched products on views (no transposed copies)."""
+        shape = x.shape
+        x = x.contiguous()
         for axis in range(2, 2 + self.ndim):
-            x = torch.movedim(torch.movedim(x, axis, -1) @ self.matrix.T, -1, axis)
-        return x
+            inner = math.prod(shape[axis + 1 :])
+            if inner == 1:
+                x = x @ matrix
+            else:
+                x = torch.matmul(matrix.T, x.reshape(-1, shape[axis], inner))
+        return x.reshape(shape)
 
 
 class Encoder(nn.Module):

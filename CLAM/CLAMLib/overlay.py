@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from .imageio import atomic_path, write_image
 from .preprocess import Prepared, Preprocessor, box_slices
@@ -30,24 +31,27 @@ _GZIP_LEVEL = 1  # mostly zeros outside the lungs: level 1 is nearly as small as
 
 def quantise(values: np.ndarray) -> np.ndarray:
     """0..1 values as uint8 0..255, rounded to the nearest level (values outside 0..1 clip)."""
-    out = np.clip(values, 0.0, 1.0, dtype=np.float32)
-    out *= LEVELS
-    out += 0.5
-    return out.astype(np.uint8)
+    return _quantised(torch.tensor(values, dtype=torch.float32))
+
+
+def _quantised(values: torch.Tensor) -> np.ndarray:
+    """quantise of a float32 tensor, computed in its place."""
+    return values.clamp_(0.0, 1.0).mul_(LEVELS).add_(0.5).to(torch.uint8).numpy()
 
 
 def native_map(preprocessor: Preprocessor, grid_map: np.ndarray, prepared: Prepared) -> sitk.Image:
-    """A 0..1 map on the model grid as a uint8 overlay (0..255) on exactly the input's geometry, resampled over
-    the crop box alone (the map is zero outside it)."""
+    """A 0..1 map on the model grid as a uint8 overlay (0..255, its scale under SCALE_KEY) on exactly the input's
+    geometry, resampled over the crop box alone (the map is zero outside it)."""
     values, index = preprocessor.native_box(grid_map, prepared)
     native = prepared.native
     full = np.zeros(tuple(reversed(native.size)), np.uint8)
-    box = full.reshape(full.shape[-values.ndim:]) if full.ndim > values.ndim else full
-    box[box_slices(index, values.shape)] = quantise(values)
+    box = full.reshape(full.shape[-values.ndim:]) if full.ndim > values.ndim else full  # 2D map, one-slice scan
+    box[box_slices(index, values.shape)] = _quantised(torch.from_numpy(values))
     image = sitk.GetImageFromArray(full)
     image.SetSpacing(native.spacing)
     image.SetOrigin(native.origin)
     image.SetDirection(native.direction)
+    image.SetMetaData(SCALE_KEY, repr(SCALE))
     return image
 
 
@@ -59,8 +63,9 @@ def write_map(image: sitk.Image, path: str | os.PathLike) -> Path:
     if name.endswith((".nii", ".nii.gz")):
         _write_nifti(image, target)
     else:
-        image = sitk.Image(image)
-        image.SetMetaData(SCALE_KEY, repr(SCALE))
+        if not (image.HasMetaDataKey(SCALE_KEY) and image.GetMetaData(SCALE_KEY) == repr(SCALE)):
+            image = sitk.Image(image)
+            image.SetMetaData(SCALE_KEY, repr(SCALE))
         write_image(image, target)
     return target
 

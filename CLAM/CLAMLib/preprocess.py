@@ -48,6 +48,7 @@ from .imageio import check_image
 _MASK_SPACING_MM = 2.0  # working resolution of lung_mask
 _AIR_HU = -400.0  # voxels below this count as air
 LUNG_CLOSING_MM = 20.0  # default radius of the closing of each lung: takes in vessels and lesions at the pleura
+_ZOOM_SLICES = 16  # output slices per step of linear_zoom
 _FORMER_CLOSING_MM = 6.0  # the closing of preprocessing states that do not record theirs
 _AIRWAY_AREA_MM2 = 600.0  # trachea and main bronchi cross-sections are smaller than this
 _AIRWAY_BAND = 0.15  # fraction of the lungs' width either side of their centre where airways lie
@@ -251,10 +252,7 @@ class Preprocessor:
         extent = np.array(prepared.grid.spacing) * np.array(prepared.grid.size)
         if np.allclose(extent, np.array(box.spacing) * np.array(box.size), rtol=1e-6, atol=0):
             # the grid covers the box exactly, on the same axes: resampling is a linear zoom (half-voxel centres)
-            mode = "trilinear" if values.ndim == 3 else "bilinear"
-            zoomed = F.interpolate(torch.from_numpy(values)[None, None], size=tuple(reversed(box.size)), mode=mode,
-                                   align_corners=False)
-            return zoomed[0, 0].numpy(), index
+            return linear_zoom(torch.from_numpy(values), tuple(reversed(box.size))).numpy(), index
         mapped = _resample(_image(values, prepared.grid), box, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         return sitk.GetArrayFromImage(mapped), index
 
@@ -468,10 +466,8 @@ def _lung_on_box(lungs: LungMask, index: list[int], size: list[int]) -> np.ndarr
     first, last = list(reversed(index)), [i + n for i, n in zip(reversed(index), reversed(size))]
     low = [max(0, f // k - 1) for f, k in zip(first, factors)]
     high = [min(n, -(-e // k) + 1) for e, k, n in zip(last, factors, coarse.shape)]
-    block = torch.from_numpy(np.array(coarse[tuple(slice(a, b) for a, b in zip(low, high))]))
-    mode = "trilinear" if block.ndim == 3 else "bilinear"
-    zoomed = F.interpolate(block[None, None].float(), scale_factor=tuple(float(k) for k in factors), mode=mode,
-                           align_corners=False)[0, 0]
+    block = torch.from_numpy(coarse[tuple(slice(a, b) for a, b in zip(low, high))].astype(np.float32))
+    zoomed = linear_zoom(block, tuple(n * k for n, k in zip(block.shape, factors)))
     # voxels past the last whole coarse voxel lie outside the mask
     covered = [max(0, min(e, n * k) - f) for f, e, n, k in zip(first, last, coarse.shape, factors)]
     inside = np.zeros([e - f for f, e in zip(first, last)], dtype=bool)
@@ -519,14 +515,19 @@ def _close_each_lung(mask: np.ndarray, radius: list[int]) -> np.ndarray:
 
 
 def _closing(mask: np.ndarray, radius: list[int]) -> np.ndarray:
-    """Binary closing with a ball (radius per axis, SimpleITK order) and a safe border, computed over the mask's
-    bounding box grown by the radius only: the closing adds nothing farther out, so the result is the same."""
+    """Binary closing, as SimpleITK's with a ball and a safe border, over the mask's bounding box grown by the radius
+    (the closing adds nothing farther out). The ball of radius r (per axis, SimpleITK order) holds the offsets d with
+    sum((d_i / (r_i + 0.5))^2) <= 1, never = 1 for whole d, so two exact distance transforms in units of those
+    semi-axes give the dilation and then the erosion."""
+    zyx = list(reversed(radius))
     used = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)]
-    box = tuple(slice(max(0, u[0] - r), min(n, u[-1] + r + 1))
-                for u, r, n in zip(used, reversed(radius), mask.shape))
-    image = sitk.GetImageFromArray(mask[box].astype(np.uint8))
+    box = tuple(slice(max(0, u[0] - r), min(n, u[-1] + r + 1)) for u, r, n in zip(used, zyx, mask.shape))
+    part = np.pad(mask[box], [(r + 1, r + 1) for r in zyx])  # background all round, beyond the ball's reach
+    units = [1.0 / (r + 0.5) for r in zyx]
+    grown = ndimage.distance_transform_edt(~part, sampling=units) <= 1.0
     closed = np.zeros_like(mask)
-    closed[box] = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(image, radius, sitk.sitkBall, 1, True)) > 0
+    closed[box] = (ndimage.distance_transform_edt(grown, sampling=units) > 1.0)[
+        tuple(slice(r + 1, n - r - 1) for r, n in zip(zyx, part.shape))]
     return closed
 
 
@@ -701,6 +702,25 @@ def _crop_box(work: Geometry, grid: Geometry) -> tuple[Geometry, list[int]]:
     origin = np.array(work.origin) + direction @ (spacing * low)
     box = Geometry(tuple(int(n) for n in high - low), work.spacing, tuple(origin.tolist()), work.direction)
     return box, [int(i) for i in low]
+
+
+def linear_zoom(values: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Linear interpolation of a 2D or 3D array onto `size` voxels over the same extent (voxel centres at half-voxel
+    offsets, edges clamped, as F.interpolate with align_corners=False): in 3D, bilinear within each slice and then
+    linear across slices, which reads each output voxel's two neighbours instead of eight."""
+    if values.ndim == 2:
+        return F.interpolate(values[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    inplane = F.interpolate(values[None], size=size[1:], mode="bilinear", align_corners=False)[0]
+    count, depth = values.shape[0], size[0]
+    where = ((torch.arange(depth, dtype=torch.float64) + 0.5) * (count / depth) - 0.5).clamp_min(0)
+    low = where.floor().long().clamp_max(count - 1)
+    high = (low + 1).clamp_max(count - 1)
+    weight = (where - low).to(values.dtype).view(-1, 1, 1)
+    out = torch.empty((depth, *size[1:]), dtype=values.dtype)
+    for start in range(0, depth, _ZOOM_SLICES):  # in slabs: two gathered slabs at a time, not two whole volumes
+        part = slice(start, start + _ZOOM_SLICES)
+        torch.lerp(inplane.index_select(0, low[part]), inplane.index_select(0, high[part]), weight[part], out=out[part])
+    return out
 
 
 def box_slices(index: list[int], shape: tuple[int, ...]) -> tuple[slice, ...]:

@@ -69,6 +69,14 @@ def test_entry_round_trip_and_keys(scans: Path, tmp_path: Path) -> None:
     assert cache.load(key) is None
 
 
+def test_key_covers_the_code_preprocessing_runs() -> None:
+    """Modules that preprocessing uses through another module (morphology, through findings) are in the key too."""
+    from CLAMLib import cache
+
+    assert {"CLAMLib.preprocess", "CLAMLib.findings", "CLAMLib.morphology"} <= set(cache._code_modules())
+    assert "CLAMLib.explain" not in cache._code_modules()
+
+
 def test_no_cache_keeps_nothing(scans: Path, tmp_path: Path) -> None:
     cache = PreprocessCache(None)
     grid = Preprocessor(PreprocessConfig(grid=16)).to_grid(read_image(sorted(scans.glob("*.nrrd"))[0]))

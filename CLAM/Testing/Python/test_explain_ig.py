@@ -3,7 +3,7 @@
 import pytest
 import torch
 from CLAMLib.explain import _log_odds, ig_attribution
-from CLAMLib.model import Architecture, ClusterNet
+from CLAMLib.model import Architecture, ClusterNet, GaussianSmoothing
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -11,13 +11,14 @@ TOLERANCE = 1e-5  # max |ours - Captum|, before the positive part and smoothing
 STEPS = 8
 
 
-def _net(ndim: int, k: int, seed: int, smooth: float = 0.0,
-         head: str = "dense") -> tuple[ClusterNet, torch.Tensor, torch.Tensor]:
+def _net(ndim: int, k: int, seed: int, smooth: float = 0.0, head: str = "dense",
+         channels: int = 1) -> tuple[ClusterNet, torch.Tensor, torch.Tensor]:
     """A seeded random network whose centroids sit near its head inputs of random images, an image and a baseline."""
     torch.manual_seed(seed)
-    arch = Architecture(ndim=ndim, grid=16, filters=(4, 8, 8), embedding=6, smooth=smooth, head=head)
+    arch = Architecture(ndim=ndim, grid=16, filters=(4, 8, 8), embedding=6, smooth=smooth, head=head,
+                        in_channels=channels)
     net = ClusterNet(arch, k).double().eval()
-    shape = (k + 2, 1) + (16,) * ndim
+    shape = (k + 2, channels) + (16,) * ndim
     images = torch.rand(shape, dtype=torch.float64) * torch.linspace(0.2, 1.0, k + 2, dtype=torch.float64).view(
         -1, *[1] * (len(shape) - 1))
     with torch.no_grad():
@@ -76,3 +77,20 @@ def test_input_smoothing_matches_captum() -> None:
     """With a Gaussian in front of the encoder (Architecture.smooth) the first step stays affine and agrees too."""
     net, x, base = _net(3, 3, seed=11, smooth=1.5)
     assert (ig_attribution(net, x, base, STEPS) - _captum(net, x, base, STEPS)).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_findings_channels_with_smoothing_match_captum(ndim: int) -> None:
+    """The product's 3D input: three findings channels, smoothed in front of the encoder, in float32."""
+    net, x, base = _net(ndim, 3, seed=13, smooth=1.5, channels=3)
+    net, x, base = net.float(), x.float(), base.float()
+    assert (ig_attribution(net, x, base, STEPS) - _captum(net, x, base, STEPS)).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_smoothing_adjoint_is_its_transpose(ndim: int) -> None:
+    """<S x, y> = <x, S' y> for the input smoothing S and its adjoint S', which carries gradients back through it."""
+    smoothing = GaussianSmoothing(2.0, ndim, 12).double()
+    x, y = torch.rand((2, 3) + (12,) * ndim, dtype=torch.float64), torch.rand((2, 3) + (12,) * ndim, dtype=torch.float64)
+    assert torch.allclose((smoothing(x) * y).sum(), (x * smoothing.adjoint(y)).sum(), rtol=1e-12)
+    assert not torch.allclose(smoothing.adjoint(y), smoothing(y))  # the edges make it differ from S itself

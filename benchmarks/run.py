@@ -557,6 +557,7 @@ def bench_train(out: Path, repeats: int, device: str, scans_per_epoch: int = 16)
     from CLAMLib.batch import gridded_scan
     from CLAMLib.cache import PreprocessCache
     from CLAMLib.cohort import Scan
+    from CLAMLib.estimator import CLAMModel
     from CLAMLib.preprocess import PreprocessConfig, Preprocessor
     from CLAMLib.train import TrainConfig, Trainer
 
@@ -573,9 +574,10 @@ def bench_train(out: Path, repeats: int, device: str, scans_per_epoch: int = 16)
         warm.append(timed(lambda c=cache: gridded_scan(scan, Preprocessor(config), None, c), torch.device("cpu")))
         assert cache.hits == 1 and cache.misses == 1
         shutil.rmtree(cache.folder, ignore_errors=True)
+    arch = CLAMModel(k=E2E_K, grid=E2E_GRID, verbose=False).architecture  # `clam train`'s default model
     gen = torch.Generator().manual_seed(0)
-    coarse = torch.rand((scans_per_epoch, 1) + (11,) * 3, generator=gen)
-    arrays = F.interpolate(coarse, size=(E2E_GRID,) * 3, mode="trilinear", align_corners=False)[:, 0].numpy() - 0.5
+    coarse = torch.rand((scans_per_epoch, arch.in_channels) + (11,) * 3, generator=gen)
+    arrays = F.interpolate(coarse, size=(E2E_GRID,) * 3, mode="trilinear", align_corners=False).numpy() - 0.5
     stamps: dict[str, list[float]] = {"pretrain": [], "finetune": []}
 
     def progress(fraction: float, stage: str, message: str) -> None:
@@ -584,7 +586,7 @@ def bench_train(out: Path, repeats: int, device: str, scans_per_epoch: int = 16)
             stamps[stage].append(time.perf_counter())
 
     epochs = repeats + 1  # the first epoch of each stage (set-up) is not counted
-    trainer = Trainer(Architecture(ndim=3, grid=E2E_GRID), TrainConfig(k=E2E_K, pretrain_epochs=epochs,
+    trainer = Trainer(arch, TrainConfig(k=E2E_K, pretrain_epochs=epochs,
                       finetune_epochs=epochs, tol=0.0, device=device), progress=progress, verbose=False)
     trainer.fit(arrays)
     per_epoch = {stage: statistics.median(np.diff(t)) for stage, t in stamps.items()}
@@ -593,6 +595,7 @@ def bench_train(out: Path, repeats: int, device: str, scans_per_epoch: int = 16)
     train_per_scan = TRAIN_EPOCHS[0] * per_scan["pretrain"] + TRAIN_EPOCHS[1] * per_scan["finetune"]
     cohort_s = TRAIN_COHORT * (prep_cold + train_per_scan)
     return {"ct": what, "size": list(TRAIN_SIZE), "grid": E2E_GRID, "device": device, "repeats": repeats,
+            "architecture": arch.to_dict(),
             "scans_per_epoch": scans_per_epoch, "epochs": list(TRAIN_EPOCHS), "k": E2E_K,
             "preprocess_first_s": summary(cold), "preprocess_cached_s": summary(warm),
             "epoch_s": per_epoch, "epoch_per_scan_s": per_scan, "train_per_scan_s": train_per_scan,

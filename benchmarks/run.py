@@ -406,6 +406,47 @@ def bench_bf16(device: torch.device, repeats: int) -> dict[str, Any]:
     return out
 
 
+# -- torch.compile of the default map ------------------------------------------------------------------------
+
+
+def bench_compile(device: torch.device, repeats: int) -> dict[str, Any]:
+    """The default map of all clusters (3D grid 88, k = 3, the default model) eager against its encoder blocks and
+    head under torch.compile (mode reduce-overhead on CUDA, which captures CUDA graphs): the first call, which
+    compiles, and warm medians."""
+    import copy
+
+    from CLAMLib.estimator import CLAMModel
+
+    torch.manual_seed(0)
+    arch = CLAMModel(k=E2E_K, grid=E2E_GRID, verbose=False).architecture
+    net = ClusterNet(arch, E2E_K).to(device).eval()
+    coarse = torch.rand((2, arch.in_channels) + (11,) * 3, generator=torch.Generator().manual_seed(1))
+    x, base = F.interpolate(coarse, size=(E2E_GRID,) * 3, mode="trilinear", align_corners=False).to(device).split(1)
+    with torch.no_grad():
+        net.head.center.copy_(net.head_input(net.encoder.features(torch.cat([x, base]))).mean(0))
+    ctx = ex.ExplainContext(baseline=base, present_only=arch.in_channels > 1)
+    compiled = copy.deepcopy(net)
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    for block in compiled.encoder.blocks:
+        block.compile(mode=mode)
+    compiled.head.compile(mode=mode)
+
+    def run(model: ClusterNet) -> torch.Tensor:
+        with torch.no_grad():
+            return ex.integrated_gradients(model, x, ctx)
+
+    reference = run(net)
+    first = timed(lambda: run(compiled), device)
+    diff = float((run(compiled) - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for r in range(repeats):
+        for name in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
+            times[name].append(timed(lambda m=net if name == "eager" else compiled: run(m), device))
+    eager, warm = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    return {"mode": mode, "repeats": repeats, "first_call_s": first, "eager": summary(times["eager"]),
+            "compiled": summary(times["compiled"]), "compiled_over_eager": warm / eager, "max_rel_diff": diff}
+
+
 # -- 3D end to end -------------------------------------------------------------------------------------------
 
 
@@ -630,6 +671,14 @@ def table(res: dict[str, Any]) -> str:
                       f"max |diff| {s['max_abs']:.1e} (tolerance {a['same_masks_tolerance']:g}); product maps max |diff| "
                       f"{p['max_abs']:.3f}, mean {p['mean_abs']:.4f}, r = {p['pearson_r']:.4f} "
                       f"(tolerance {MAP_TOL_PRODUCT:g}).")]
+    if "compile" in res:
+        c = res["compile"]
+        lines += ["", (f"Default map, 3D grid {E2E_GRID}, k = {E2E_K}, default model, eager against torch.compile "
+                       f"(mode {c['mode']}), median of {c['repeats']} interleaved repeats ({res['machine']['device']}):"),
+                  "", "| eager (s) | compiled (s) | compiled / eager | first compiled call (s) | max relative diff |",
+                  "|---|---|---|---|---|",
+                  (f"| {c['eager']['median']:.3f} | {c['compiled']['median']:.3f} | {c['compiled_over_eager']:.2f} | "
+                   f"{c['first_call_s']:.1f} | {c['max_rel_diff']:.1e} |")]
     if "bench_3d" in res:
         e = res["bench_3d"]
         lines += ["", (f"3D end to end, 512 x 512 x 300 CT, k = {E2E_K}, grid {E2E_GRID}, median of {e['repeats']} "
@@ -692,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=None, help="2D slices per batch")
     ap.add_argument("--batch-size", type=int, default=64, help="masked inputs per pass (ours, peer, floor)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--only", choices=("2d", "ig", "3d", "train", "bf16"), action="append", help="run only these parts")
+    ap.add_argument("--only", choices=("2d", "ig", "3d", "train", "bf16", "compile"), action="append",
+                    help="run only these parts")
     ap.add_argument("--no-peer", action="store_true", help="skip pytorch-grad-cam")
     ap.add_argument("--random-images", action="store_true", help="smooth random images instead of phantom slices")
     ap.add_argument("--before", type=Path, default=None, metavar="DIR",
@@ -723,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
         res["train"] = bench_train(args.out, 1 if args.quick else 3, args.device)
     if "bf16" in parts:
         res["bf16"] = bench_bf16(device, repeats)
+    if "compile" in parts:
+        res["compile"] = bench_compile(device, repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_{device.type}{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps(res, indent=1, default=str))

@@ -213,6 +213,8 @@ def ig_attribution(net: ClusterNet, x: torch.Tensor, base: Union[torch.Tensor, S
     path points' gradients go back through its transpose once per baseline and cluster: the same attribution as
     Captum's. The path points run channels-last, which the CPU's convolutions take faster.
     """
+    if net.k == 1:  # q is 1 everywhere: its log-odds, clamped, do not change
+        return torch.zeros((1, *x.shape[1:]), device=x.device, dtype=x.dtype)
     bases = [base] if isinstance(base, torch.Tensor) else list(base)
     n = len(bases)
     alphas = ((torch.arange(steps, device=x.device, dtype=x.dtype) + 0.5) / steps).view(-1, *[1] * (x.ndim - 1))

@@ -94,3 +94,11 @@ def test_smoothing_adjoint_is_its_transpose(ndim: int) -> None:
     x, y = torch.rand((2, 3) + (12,) * ndim, dtype=torch.float64), torch.rand((2, 3) + (12,) * ndim, dtype=torch.float64)
     assert torch.allclose((smoothing(x) * y).sum(), (x * smoothing.adjoint(y)).sum(), rtol=1e-12)
     assert not torch.allclose(smoothing.adjoint(y), smoothing(y))  # the edges make it differ from S itself
+
+
+def test_one_cluster_has_no_evidence() -> None:
+    """With k = 1, q is 1 for every input: the attribution is zero, as Captum's is."""
+    net, x, base = _net(3, 1, seed=17)
+    ours = ig_attribution(net, x, base, STEPS)
+    assert ours.shape == (1, *x.shape[1:]) and not ours.any()
+    assert _captum(net, x, base, STEPS).abs().max() < TOLERANCE

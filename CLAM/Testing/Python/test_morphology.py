@@ -40,7 +40,7 @@ def test_ball_is_the_union_of_its_corner_boxes() -> None:
     assert union == ball
 
 
-@pytest.mark.parametrize("size", [(250, 61, 97), (40, 30, 20), (88, 88, 88)])
+@pytest.mark.parametrize("size", [(250, 61, 97), (40, 30, 20), (20, 61, 97), (88, 88, 88)])
 def test_linear_zoom_equals_trilinear_interpolation(size: tuple[int, int, int]) -> None:
     values = torch.from_numpy(np.random.default_rng(1).random((32, 24, 40)).astype(np.float32))
     expected = torch.nn.functional.interpolate(values[None, None], size=size, mode="trilinear", align_corners=False)

@@ -47,6 +47,17 @@ def test_demo_writes_table_maps_and_figures(tmp_path, capsys) -> None:
     assert "results.md" in capsys.readouterr().out
 
 
+def test_demo_beside_the_true_k_maps_one_and_three_clusters(tmp_path) -> None:
+    """Without --quick the demo also trains k = 1 and k = 3 and maps them (a one-cluster model has no evidence)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--scenarios", "size", "--no-sweep", "--subjects", "3", "--epochs", "2", "--grid", "16",
+                 "--restarts", "1", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["k"] for r in results["clustering"]] == [1, 2, 3]
+    assert results["clustering"][0]["accuracy"] == 0.5  # everyone in one cluster
+    assert {r["k"] for r in results["localisation"] if r["method"] == "ig"} == {1, 2, 3}
+
+
 def test_demo_registers_to_the_lung_template_when_asked(tmp_path) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--subjects", "3", "--epochs", "2", "--grid", "16", "--register", "affine",

@@ -117,6 +117,12 @@ def random_slices(n: int, seed: int = 0) -> torch.Tensor:
     return F.interpolate(coarse, size=(GRID_2D, GRID_2D), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
+def smooth_volumes(n: int, channels: int, seed: int) -> torch.Tensor:
+    """n smooth random (channels, 88, 88, 88) volumes in 0..1: uniform noise on an 11^3 grid, trilinearly zoomed."""
+    coarse = torch.rand((n, channels) + (11,) * 3, generator=torch.Generator().manual_seed(seed))
+    return F.interpolate(coarse, size=(E2E_GRID,) * 3, mode="trilinear", align_corners=False)
+
+
 def make_net_2d(k: int, pool: torch.Tensor, seed: int = 0) -> ClusterNet:
     """Seeded random-initialised 2D ClusterNet (same encoder for every k); centroids at k pool images' embeddings."""
     torch.manual_seed(seed)
@@ -420,8 +426,7 @@ def bench_compile(device: torch.device, repeats: int) -> dict[str, Any]:
     torch.manual_seed(0)
     arch = CLAMModel(k=E2E_K, grid=E2E_GRID, verbose=False).architecture
     net = ClusterNet(arch, E2E_K).to(device).eval()
-    coarse = torch.rand((2, arch.in_channels) + (11,) * 3, generator=torch.Generator().manual_seed(1))
-    x, base = F.interpolate(coarse, size=(E2E_GRID,) * 3, mode="trilinear", align_corners=False).to(device).split(1)
+    x, base = smooth_volumes(2, arch.in_channels, seed=1).to(device).split(1)
     with torch.no_grad():
         net.head.center.copy_(net.head_input(net.encoder.features(torch.cat([x, base]))).mean(0))
     ctx = ex.ExplainContext(baseline=base, present_only=arch.in_channels > 1)
@@ -616,9 +621,7 @@ def bench_train(out: Path, repeats: int, device: str, scans_per_epoch: int = 16)
         assert cache.hits == 1 and cache.misses == 1
         shutil.rmtree(cache.folder, ignore_errors=True)
     arch = CLAMModel(k=E2E_K, grid=E2E_GRID, verbose=False).architecture  # `clam train`'s default model
-    gen = torch.Generator().manual_seed(0)
-    coarse = torch.rand((scans_per_epoch, arch.in_channels) + (11,) * 3, generator=gen)
-    arrays = F.interpolate(coarse, size=(E2E_GRID,) * 3, mode="trilinear", align_corners=False).numpy() - 0.5
+    arrays = smooth_volumes(scans_per_epoch, arch.in_channels, seed=0).numpy() - 0.5
     stamps: dict[str, list[float]] = {"pretrain": [], "finetune": []}
 
     def progress(fraction: float, stage: str, message: str) -> None:

@@ -143,9 +143,10 @@ def as_batch(arrays: np.ndarray, arch: Architecture) -> torch.Tensor:
 
 @torch.no_grad()
 def embed(net: ClusterNet, x: torch.Tensor, device: torch.device, batch_size: int = 32) -> torch.Tensor:
-    """Raw embeddings z of every input, on the CPU."""
+    """What the clustering head reads of every input (the raw embeddings z for the dense head), on the CPU."""
     net.eval()
-    return torch.cat([net.encoder(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([net.head_input(net.encoder.features(x[i : i + batch_size].to(device))).cpu()
+                      for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
@@ -555,9 +556,7 @@ class Trainer:
         self._report(0.99, "head", f"k-means on the {self.arch.head} head's inputs")
         net = ClusterNet(self.arch, k).to(self.device)
         net.load_state_dict({n: t for n, t in dense.state_dict().items() if not n.startswith("head.")}, strict=False)
-        net.eval()
-        h = torch.cat([net.head_input(net.encoder.features(x[i : i + 32].to(self.device))).cpu()
-                       for i in range(0, len(x), 32)])
+        h = embed(net, x, self.device)
         hn = _normalise_latent(net, h.to(self.device)).cpu().numpy()
         km = KMeans(n_clusters=k, n_init=20, random_state=seed).fit(hn) if k > 1 else None
         if km is not None:
